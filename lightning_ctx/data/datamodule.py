@@ -1,0 +1,206 @@
+"""``ContextPairDataModule``: JSONL task files -> batches carrying both renderings of every record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
+from lightning_ctx.data.render import PromptRenderer, left_pad
+from lightning_ctx.data.verifiers import answer_parser, build_verifier
+
+
+@dataclass
+class ContextPairBatch:
+    """A batch of records rendered without (``prompt_*``) and with (``ctx_prompt_*``) the context.
+
+    Tensors are left-padded ``[B, P]``. Lightning moves the tensor fields to the device.
+    ``retain_*`` (optional) render the same prompts under *other* contexts for the retention term.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    ctx_prompt_ids: torch.Tensor
+    ctx_prompt_mask: torch.Tensor
+    ids: list[str]
+    contexts: list[str]
+    prompts: list[str]
+    answers: list[str]
+    retain_prompt_ids: Optional[torch.Tensor] = None
+    retain_prompt_mask: Optional[torch.Tensor] = None
+    retain_contexts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: list[TaskRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> TaskRecord:
+        return self.records[i]
+
+
+class PairCollator:
+    """Tokenizes records twice; picklable so DataLoader workers can use it."""
+
+    def __init__(self, renderer: PromptRenderer, pad_id: int, retain_contexts: list[str] | None = None,
+                 seed: int = 0):
+        self.renderer = renderer
+        self.pad_id = pad_id
+        self.retain_contexts = list(retain_contexts or [])
+        self._rng = torch.Generator().manual_seed(seed)
+
+    def __call__(self, records: list[TaskRecord]) -> ContextPairBatch:
+        plain = [self.renderer.ids(r.prompt) for r in records]
+        with_ctx = [self.renderer.ids(r.prompt, r.context) for r in records]
+        p_ids, p_mask = left_pad(plain, self.pad_id)
+        c_ids, c_mask = left_pad(with_ctx, self.pad_id)
+        batch = ContextPairBatch(p_ids, p_mask, c_ids, c_mask, [r.id for r in records],
+                                 [r.context for r in records], [r.prompt for r in records],
+                                 [r.answer for r in records])
+        if self.retain_contexts:
+            chosen = []
+            for r in records:
+                pool = [c for c in self.retain_contexts if c != r.context] or self.retain_contexts
+                chosen.append(pool[int(torch.randint(len(pool), (1,), generator=self._rng))])
+            batch.retain_prompt_ids, batch.retain_prompt_mask = left_pad(
+                [self.renderer.ids(r.prompt, c) for r, c in zip(records, chosen)], self.pad_id)
+            batch.retain_contexts = chosen
+        return batch
+
+
+class ContextPairDataModule(pl.LightningDataModule):
+    """Paired-context data from JSONL files with ``{id, context, prompt, answer}`` records.
+
+    Args:
+        train_file / val_file / test_file: JSONL paths.
+        tokenizer: tokenizer path (the CLI links it to ``model.student``).
+        batch_size: prompts per training step (each gets one on-policy response).
+        eval_batch_size: prompts per evaluation batch (default: batch_size).
+        max_prompt_length: the longest allowed context + prompt rendering in tokens; longer records
+            are an error before training (no silent truncation).
+        template: ``auto`` | ``chat`` | ``plain`` (see ``PromptRenderer``).
+        verifier: ``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake``; ``verifier_kwargs`` go to it.
+        retain_contexts: other contexts c' for the optional retention term (empty = off).
+        max_eval_items: cap on val/test items (None = all).
+    """
+
+    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
+                 test_file: Optional[str] = None, tokenizer: Optional[str] = None, batch_size: int = 8,
+                 eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024, template: str = "auto",
+                 verifier: str = "exact", verifier_kwargs: Optional[dict[str, Any]] = None,
+                 retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
+                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__()
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.tokenizer_path = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_prompt_length = max_prompt_length
+        self.template = template
+        self.verifier_name = verifier
+        self.verifier = build_verifier(verifier, **(verifier_kwargs or {}))
+        self.retain_contexts = list(retain_contexts or [])
+        self.max_eval_items = max_eval_items
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.tokenizer = None
+        self.renderer: PromptRenderer | None = None
+        self.splits: dict[str, list[TaskRecord]] = {}
+        self._validated = False
+
+    # -- loading ---------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use an already-loaded tokenizer (the module's), instead of loading ``tokenizer`` by path."""
+        self.tokenizer = tokenizer
+        self.renderer = None
+        self._validated = False
+
+    def load_split_records(self, split: str) -> list[TaskRecord] | None:
+        """Records of one split; subclasses (e.g. generated tasks) override this."""
+        path = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
+        return load_jsonl(path) if path else None
+
+    def split_source(self, split: str) -> str:
+        return str({"train": self.train_file, "val": self.val_file, "test": self.test_file}[split])
+
+    def validate(self) -> None:
+        """Load every configured split and check it end to end; raises ``DataError`` before training."""
+        if self._validated:
+            return
+        if self.tokenizer is None:
+            if self.tokenizer_path is None:
+                raise DataError("no tokenizer: set data.tokenizer (the CLI links it to model.student)",
+                                field="data.tokenizer")
+            from lightning_ctx.models.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+        self.renderer = PromptRenderer(self.tokenizer, self.template)
+        parse = answer_parser(self.verifier)
+        for split in ("train", "val", "test"):
+            records = self.load_split_records(split)
+            if records is None:
+                continue
+            source = self.split_source(split)
+            if split != "train" and self.max_eval_items is not None:
+                records = records[: self.max_eval_items]
+            for lineno, rec in enumerate(records, start=1):
+                if parse(rec.answer) is None:
+                    raise DataError(f"the {self.verifier_name!r} verifier cannot parse answer {rec.answer!r}",
+                                    path=source, line=lineno, field="answer")
+                n = len(self.renderer.ids(rec.prompt, rec.context))
+                if n > self.max_prompt_length:
+                    raise DataError(f"context + prompt is {n} tokens, longer than data.max_prompt_length="
+                                    f"{self.max_prompt_length} (no silent truncation: shorten the record or "
+                                    f"raise the limit)", path=source, line=lineno, field="context")
+            self.splits[split] = records
+        if "train" not in self.splits and not self.splits:
+            raise DataError("no data: set data.train_file (and optionally val_file / test_file)",
+                            field="data.train_file")
+        self._validated = True
+
+    def longest_prompt(self) -> int:
+        """Longest with-context rendering over all splits (for the model's position limit check)."""
+        self.validate()
+        return max((len(self.renderer.ids(r.prompt, r.context)) for recs in self.splits.values() for r in recs),
+                   default=0)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.validate()
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _collator(self, retain: bool) -> PairCollator:
+        pad_id = self.tokenizer.pad_token_id
+        return PairCollator(self.renderer, pad_id, self.retain_contexts if retain else None, seed=self.seed)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise DataError(f"no {split} data configured", field=f"data.{split}_file")
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(RecordDataset(self.splits[split]), batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train and self.shuffle, drop_last=False, num_workers=self.num_workers,
+                          collate_fn=self._collator(retain=train), generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def records(self, split: str) -> list[TaskRecord]:
+        self.validate()
+        return self.splits.get(split, [])

@@ -1,0 +1,114 @@
+"""Render one record twice (without and with its context) and join prompts with a shared response.
+
+Alignment contract: for a prefix of padded width ``P`` followed by a response block of width ``R``,
+the logits that score response token ``j`` sit at position ``P - 1 + j``. Student (``prompt``) and
+teacher (``context + prompt``) prefixes differ in width, but both are joined with the *same*
+response ids, so slicing each at its own ``P`` gives ``[B, R, V]`` blocks that line up token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lightning_ctx.data.records import DataError
+
+PLAIN_WITH_CONTEXT = "{context}\n\n{prompt}\n"
+PLAIN_NO_CONTEXT = "{prompt}\n"
+
+
+class PromptRenderer:
+    """Turns ``(prompt, context)`` into token ids with the tokenizer's chat template or a plain one.
+
+    ``template``: ``auto`` (chat template when the tokenizer has one), ``chat`` (required) or
+    ``plain``. In chat mode the context is the system message.
+    """
+
+    def __init__(self, tokenizer, template: str = "auto", plain_with_context: str = PLAIN_WITH_CONTEXT,
+                 plain_no_context: str = PLAIN_NO_CONTEXT):
+        if template not in ("auto", "chat", "plain"):
+            raise ValueError(f"template must be auto, chat or plain, got {template!r}")
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_chat:
+            raise DataError("template 'chat' was requested but the tokenizer has no chat_template "
+                            "(use template: plain, or a tokenizer with a chat template)",
+                            path=getattr(tokenizer, "name_or_path", None), field="chat_template")
+        self.tokenizer = tokenizer
+        self.use_chat = has_chat and template != "plain"
+        self.plain_with_context = plain_with_context
+        self.plain_no_context = plain_no_context
+
+    def text(self, prompt: str, context: str | None = None) -> str:
+        if self.use_chat:
+            messages = ([{"role": "system", "content": context}] if context else []) + [
+                {"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if context:
+            return self.plain_with_context.format(context=context, prompt=prompt)
+        return self.plain_no_context.format(prompt=prompt)
+
+    def ids(self, prompt: str, context: str | None = None) -> list[int]:
+        # Chat templates write their own BOS; plain text gets the tokenizer's special tokens.
+        return self.tokenizer(self.text(prompt, context), add_special_tokens=not self.use_chat).input_ids
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to ``[B, max_len]`` ids and attention mask (decoder-only generation needs left padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as HF ``generate`` computes them, so scoring matches sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class ScoringInputs:
+    """``prefix | response`` joined for a teacher-forced pass; ``prefix_len`` is the padded prefix width."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prefix_len: int
+    response_len: int
+
+
+def join_prompt_and_response(prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, response_ids: torch.Tensor,
+                             response_mask: torch.Tensor) -> ScoringInputs:
+    """Concatenate a left-padded prefix with a right-padded response block (same ids for every prefix)."""
+    if prefix_ids.shape[0] != response_ids.shape[0]:
+        raise ValueError(f"batch mismatch: prefix {tuple(prefix_ids.shape)} vs response {tuple(response_ids.shape)}")
+    input_ids = torch.cat([prefix_ids, response_ids.to(prefix_ids.device)], dim=1)
+    attention_mask = torch.cat([prefix_mask.long(), response_mask.long().to(prefix_mask.device)], dim=1)
+    return ScoringInputs(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask),
+                         prefix_len=prefix_ids.shape[1], response_len=response_ids.shape[1])
+
+
+def response_logits(model, inputs: ScoringInputs, vocab_size: int | None = None,
+                    output_hidden_states: bool = False):
+    """Run ``model`` teacher-forced and return logits ``[B, R, V]`` scoring each response token.
+
+    Only the last ``R + 1`` positions go through the LM head (``logits_to_keep``), so a long context
+    never materialises ``[B, P, V]`` logits. ``vocab_size`` trims padded embedding rows so teacher
+    and student logits share one vocabulary. With ``output_hidden_states`` returns ``(logits, hidden)``.
+    """
+    R = inputs.response_len
+    out = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids, logits_to_keep=R + 1, use_cache=False,
+                output_hidden_states=output_hidden_states)
+    logits = out.logits[:, :R]  # position P-1+j predicts response token j; the last kept one predicts past the block
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    if output_hidden_states:
+        return logits, out.hidden_states
+    return logits

@@ -1,0 +1,100 @@
+"""Verifiers: decide whether a decoded response answers a record correctly.
+
+A verifier is ``(response: str, answer: str) -> bool``. ``parse_answer`` lets the data module
+check before training that every gold answer is something the verifier can read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+Verifier = Callable[[str, str], bool]
+
+
+def normalize_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(response: str, answer: str) -> bool:
+    """Equal after whitespace normalisation (case-sensitive: the world's symbols are)."""
+    return normalize_whitespace(response) == normalize_whitespace(answer)
+
+
+class RegexVerifier:
+    """Extract the answer with a regex (first group, else whole match) and compare exactly.
+
+    ``pattern`` is applied to the response; the gold answer is compared as given unless
+    ``apply_to_answer`` is set (then both sides are extracted).
+    """
+
+    def __init__(self, pattern: str = r"(?:answer is|Answer:)\s*([^\s.]+)", apply_to_answer: bool = False):
+        self.pattern = re.compile(pattern, re.IGNORECASE)
+        self.apply_to_answer = apply_to_answer
+
+    def extract(self, text: str) -> str | None:
+        matches = list(self.pattern.finditer(text))
+        if not matches:
+            return None
+        m = matches[-1]  # the final stated answer wins over earlier reasoning
+        return normalize_whitespace(m.group(1) if m.groups() else m.group(0))
+
+    def parse_answer(self, answer: str) -> str | None:
+        return self.extract(answer) if self.apply_to_answer else normalize_whitespace(answer) or None
+
+    def __call__(self, response: str, answer: str) -> bool:
+        got = self.extract(response)
+        want = self.parse_answer(answer)
+        return got is not None and want is not None and got == want
+
+
+class ChoiceVerifier:
+    """Multiple choice: the first standalone option letter (A-J) of the response vs the gold letter."""
+
+    _letter = re.compile(r"(?:^|[\s(\[])([A-J])(?:$|[\s).\]:,])")
+
+    def __init__(self, letters: str = "ABCDEFGHIJ"):
+        self.letters = letters
+
+    def extract(self, text: str) -> str | None:
+        m = self._letter.search(text.strip())
+        if m and m.group(1) in self.letters:
+            return m.group(1)
+        return None
+
+    def parse_answer(self, answer: str) -> str | None:
+        a = answer.strip().upper()
+        return a if len(a) == 1 and a in self.letters else self.extract(answer)
+
+    def __call__(self, response: str, answer: str) -> bool:
+        got = self.extract(response)
+        return got is not None and got == self.parse_answer(answer)
+
+
+def _exact_parse(answer: str) -> str | None:
+    return normalize_whitespace(answer) or None
+
+
+def build_verifier(name: str, **kwargs) -> Verifier:
+    """``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` (tasks register theirs lazily)."""
+    if name == "exact":
+        return exact_match
+    if name == "regex":
+        return RegexVerifier(**kwargs)
+    if name == "choice":
+        return ChoiceVerifier(**kwargs)
+    if name == "world":
+        from lightning_ctx.data.world import world_verifier
+
+        return world_verifier
+    if name == "frozenlake":
+        from lightning_ctx.data.frozenlake import frozenlake_verifier
+
+        return frozenlake_verifier
+    raise ValueError(f"unknown verifier {name!r}; choose exact, regex, choice, world or frozenlake")
+
+
+def answer_parser(verifier: Verifier) -> Callable[[str], object]:
+    """The function that reads a gold answer for ``verifier`` (None = unreadable)."""
+    parse = getattr(verifier, "parse_answer", None)
+    return parse if parse is not None else _exact_parse

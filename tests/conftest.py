@@ -1,0 +1,46 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # two cores shared with other processes: one thread each is faster
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Tiny random Qwen2- and Llama-architecture checkpoints saved with save_pretrained."""
+    from lightning_ctx.models.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: str(save_tiny_checkpoint(root / fam, fam, seed=1)) for fam in ("qwen2", "llama")}
+
+
+def make_records(n, context="ADD2", seed=0, prefix="r"):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        digits = " ".join(rng.choice("0123456789") for _ in range(3))
+        out.append({"id": f"{prefix}{i}", "context": context, "prompt": digits, "answer": digits})
+    return out
+
+
+@pytest.fixture
+def jsonl_file(tmp_path):
+    def write(records, name="train.jsonl"):
+        path = tmp_path / name
+        with path.open("w") as fh:
+            for r in records:
+                fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+        return str(path)
+    return write
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
