@@ -63,8 +63,25 @@ class ContextCLI(LightningCLI):
         self._prepare()
 
 
+# Subcommands outside LightningCLI: name -> "module:function" taking argv (imported lazily).
+EXTRA_COMMANDS = {
+    "compare": "lightning_ctx.tracking:compare_main",
+    "pretrain-world": "lightning_ctx.models.world:main",
+}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        module_name, func = EXTRA_COMMANDS[argv[0]].split(":")
+        try:
+            result = getattr(importlib.import_module(module_name), func)(argv[1:])
+        except USER_ERRORS as err:
+            print(f"lightning-ctx {argv[0]}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SystemExit(result if isinstance(result, int) else 0)
     try:
         ContextCLI(args=argv)
     except USER_ERRORS as err:

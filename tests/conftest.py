@@ -43,4 +43,8 @@ def mlflow_uri(tmp_path, monkeypatch):
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    return uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # mlflow's module-level URI outlives a test: reset it for each one
+    yield uri
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,269 @@
+"""The rule world (data), its tokenizer/model, and the shipped pretrained base.
+
+The base-accuracy test decodes all 61 in-distribution contexts x 20 held-out inputs (1,220 items,
+every context covered) and requires >= 0.99 per context, i.e. every item right; the full
+200-per-context evaluation is in ``assets/world_base/report.json`` and is checked here too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lightning_ctx.data import world as W
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_all_contexts_shape():
+    assert len(W.ALL_CONTEXTS) == len(set(W.ALL_CONTEXTS)) == 61  # 5 + 25 op sequences, +/- SHOW, + SHOW
+    assert "SHOW" in W.ALL_CONTEXTS and "ADD2 ADD2" in W.ALL_CONTEXTS and "ADD1 REV SHOW" in W.ALL_CONTEXTS
+    assert all(1 <= len(c.split()) <= 3 for c in W.ALL_CONTEXTS)
+    assert not any("SHOW" in c.split()[:-1] for c in W.ALL_CONTEXTS)
+    others = W.other_contexts("SHOW")
+    assert "SHOW" not in others and len(others) == 60
+    # equivalent contexts (REV REV SHOW computes SHOW) can be excluded
+    assert "REV REV SHOW" in others and "REV REV SHOW" not in W.other_contexts("SHOW", exclude_equivalent=True)
+
+
+def test_apply_context_hand_checked():
+    assert W.apply_context("ADD2 ADD2", "3 1 9") == "7 5 3"  # +4 mod 10
+    assert W.apply_context("ADD4", [6, 0, 9]) == "0 4 3"
+    assert W.apply_context("REV", "3 1 4") == "4 1 3"
+    assert W.apply_context("REV REV", "3 1 4") == "3 1 4"
+    assert W.apply_context("ADD1 REV", "3 1 9") == "0 2 4"  # left to right: +1 -> 4 2 0, reverse
+    assert W.apply_context("REV ADD3", "3 1 9") == "2 4 6"
+    assert W.apply_context("ADD1 REV SHOW", "3 1 4") == "3 1 4 = 5 2 4"
+    assert W.apply_context("SHOW", "0 0 7") == "0 0 7 = 0 0 7"
+    assert W.apply_context("  ADD3   SHOW ", "9 9 9") == "9 9 9 = 2 2 2"
+    for bad in ["", "SHOW ADD1", "ADD5", "add1"]:
+        with pytest.raises(ValueError):
+            W.apply_context(bad, "1 2 3")
+    with pytest.raises(ValueError):
+        W.apply_context("ADD1", "1 2")
+    assert W.context_signature("ADD1 ADD1") == W.context_signature("ADD2")
+    assert W.context_signature("ADD3 REV ") == (3, True, False)
+
+
+def test_records_deterministic_and_seeded():
+    a = W.make_records("ADD2 ADD2", 50, seed=0, split="train")
+    assert a == W.make_records("ADD2 ADD2", 50, seed=0, split="train")
+    assert a != W.make_records("ADD2 ADD2", 50, seed=1, split="train")
+    assert a[0]["id"] == "world-ADD2_ADD2-train-0" and set(a[0]) == {"id", "context", "prompt", "answer"}
+    assert len({r["id"] for r in a}) == 50
+    assert len({r["prompt"] for r in a}) == 50  # n <= pool size: no repeats
+    for r in a:
+        assert r["context"] == "ADD2 ADD2" and r["answer"] == W.apply_context(r["context"], r["prompt"])
+    # same seed/split -> same inputs for every context (paired), answers differ
+    b = W.make_records("SHOW", 50, seed=0, split="train")
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    # larger n than the pool: still deterministic, inputs repeat
+    big = W.make_records("REV", 250, seed=3, split="val")
+    assert len(big) == 250 and len({r["prompt"] for r in big}) == 100
+
+
+def test_splits_disjoint(tmp_path):
+    pools = {s: set(W.split_inputs(s)) for s in W.SPLITS}
+    assert sum(len(p) for p in pools.values()) == 1000
+    assert not (pools["train"] & pools["val"]) and not (pools["train"] & pools["test"]) and not (pools["val"] & pools["test"])
+    split = W.make_world_split("SHOW", 100, 30, 30, seed=5)
+    got = {s: {tuple(map(int, r["prompt"].split())) for r in recs} for s, recs in split.items()}
+    for s in W.SPLITS:
+        assert got[s] <= pools[s]
+    path = W.write_jsonl(split["train"], tmp_path / "sub" / "train.jsonl")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 100 and json.loads(lines[7]) == split["train"][7]
+
+
+def test_verifier():
+    assert W.world_verifier("3 1 4 = 5 2 4", "3 1 4 = 5 2 4")
+    assert W.world_verifier("  3 1  4=5 2\t4 \n", "3 1 4 = 5 2 4")
+    assert W.world_verifier("314 = 524", "3 1 4 = 5 2 4")
+    assert W.world_verifier("7 5 3", " 7 5 3 ")
+    assert not W.world_verifier("5 2 4", "3 1 4 = 5 2 4")  # right value, missing SHOW format
+    assert not W.world_verifier("3 1 4 = 5 2 4", "5 2 4")  # SHOW format where none was asked
+    assert not W.world_verifier("3 1 4 = 5 2 5", "3 1 4 = 5 2 4")
+    assert not W.world_verifier("", "3 1 4")
+    assert not W.world_verifier("3 1 4 4", "3 1 4")
+    assert W.parse_world_answer(" 3 1 4= 5 2 4") == "3 1 4 = 5 2 4"
+    assert W.parse_world_answer("3 1") is None
+
+
+def test_no_context_mixture():
+    rng = random.Random(0)
+    n = 24000
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        x = [rng.randrange(10) for _ in range(3)]
+        answer, op = W.sample_no_context_answer(x, rng)
+        counts[op] = counts.get(op, 0) + 1
+        if op == W.IDENTITY:
+            assert answer == W.format_digits(x)
+        else:
+            assert answer == W.apply_context(op, x)
+    assert abs(counts[W.IDENTITY] / n - 0.5) < 0.015
+    for op in W.HIDDEN_OPS:  # includes SHOW: the base must sometimes write the SHOW format
+        assert abs(counts[op] / n - 1 / 12) < 0.01
+    dist = W.no_context_answer_distribution("1 2 1")  # REV of a palindrome merges with identity
+    assert math.isclose(sum(dist.values()), 1.0)
+    assert math.isclose(dist["1 2 1"], 0.5 + 1 / 12) and math.isclose(dist["1 2 1 = 1 2 1"], 1 / 12)
+    assert set(W.classify_no_context_answer("1 2 1", "1 2 1")) == {W.IDENTITY, "REV"}
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer and model
+# --------------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+from lightning_ctx.models import world as MW  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return MW.build_world_tokenizer()
+
+
+def _render(tokenizer, context, prompt):
+    messages = ([{"role": "system", "content": context}] if context else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_tokenizer_roundtrip(tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<eot>" and tok.unk_token == "<unk>"
+    ids = _render(tok, "ADD1 REV SHOW", "3 1 4")
+    assert tok.convert_ids_to_tokens(ids) == ["<|system|>", "ADD1", "REV", "SHOW", "<|user|>", "3", "1", "4",
+                                             "<|assistant|>"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(_render(tok, "", "3 1 4"))[0] == "<|user|>"  # no system turn without context
+    response = tok("3 1 4 = 5 2 4", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert tok.decode(response, skip_special_tokens=True) == "3 1 4 = 5 2 4"
+    assert tok.decode(ids + response, skip_special_tokens=True) == "ADD1 REV SHOW 3 1 4 3 1 4 = 5 2 4"
+
+    tok.save_pretrained(tmp_path)
+    tok2 = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert tok2.chat_template == tok.chat_template
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert (tok2.pad_token_id, tok2.eos_token_id, tok2.unk_token_id) == (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
+    for c in ["", "SHOW", "ADD2 ADD2", "REV ADD4 SHOW"]:
+        assert _render(tok2, c, "0 9 5") == _render(tok, c, "0 9 5")
+    assert tok2.decode(response, skip_special_tokens=True) == "3 1 4 = 5 2 4"
+
+
+def test_pretraining_batches(tok):
+    data = MW.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)
+    b1, b2 = next(iter(data)), next(iter(MW.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)))
+    assert all(torch.equal(b1[k], b2[k]) for k in b1)  # seeded
+    assert not torch.equal(b1["input_ids"], next(iter(MW.WorldBatches(tok, 64, seed=1)))["input_ids"])
+    asst = tok.convert_tokens_to_ids("<|assistant|>")
+    n_no_ctx = 0
+    for ids, mask, labels in zip(b1["input_ids"].tolist(), b1["attention_mask"].tolist(), b1["labels"].tolist()):
+        n = sum(mask)
+        assert mask == [1] * n + [0] * (len(mask) - n)  # right padded
+        start = ids.index(asst) + 1
+        assert all(v == -100 for v in labels[:start])  # prompt masked
+        assert labels[start:n] == ids[start:n] and ids[n - 1] == tok.eos_token_id  # answer + <eot> in the loss
+        assert all(v == -100 for v in labels[n:])
+        # the spliced prompt ids equal the package's rendering convention
+        words = tok.convert_ids_to_tokens(ids[:start])
+        context = " ".join(words[1:words.index("<|user|>")]) if words[0] == "<|system|>" else ""
+        prompt = " ".join(words[words.index("<|user|>") + 1:-1])
+        assert ids[:start] == _render(tok, context, prompt)
+        answer = tok.decode(ids[start:n], skip_special_tokens=True)
+        if context:
+            assert answer == W.apply_context(context, prompt)
+        else:
+            n_no_ctx += 1
+            assert W.classify_no_context_answer(prompt, answer)
+    assert n_no_ctx > 5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_model_config_and_short_fit(tok, arch):
+    import lightning.pytorch as pl
+
+    cfg = MW.build_world_model_config(tok, arch=arch)
+    assert cfg.model_type == arch and cfg.tie_word_embeddings and cfg.vocab_size == len(tok)
+    assert cfg.num_hidden_layers == 3 and cfg.hidden_size == 96 and cfg.max_position_embeddings == 64
+    assert cfg.pad_token_id == tok.pad_token_id and cfg.eos_token_id == tok.eos_token_id
+    module = MW.WorldPretrainModule(arch=arch, width=32, layers=1, heads=2, lr=1e-2, warmup_steps=2, max_steps=20)
+    model = module.model
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    data = MW.WorldBatches(module.tokenizer, batch_size=16, seed=0)
+    batch = next(iter(data))
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    assert abs(before - math.log(len(tok))) < 0.5  # fresh init: ~uniform over the vocabulary
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < before - 0.5  # learns (only answer tokens are in the loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped base
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base():
+    if not (MW.WORLD_BASE_DIR / "model.safetensors").exists():
+        pytest.fail(f"shipped world base missing in {MW.WORLD_BASE_DIR}")
+    return MW.load_world_base()
+
+
+def test_base_files_and_report(base):
+    model, tokenizer = base
+    files = {p.name for p in MW.WORLD_BASE_DIR.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "report.json"} <= files
+    assert sum(p.stat().st_size for p in MW.WORLD_BASE_DIR.iterdir()) < 5e6
+    assert model.dtype == torch.float32 and tokenizer.chat_template == MW.WORLD_CHAT_TEMPLATE
+    report = json.loads((MW.WORLD_BASE_DIR / "report.json").read_text())
+    assert report["eval"]["min_acc"] >= 0.99 and report["eval"]["n_per_context"] >= 200
+    assert set(report["eval"]["per_context"]) == set(W.ALL_CONTEXTS)
+    assert report["model"]["parameters"] == MW.count_parameters(model)
+
+
+def test_base_accuracy_every_context(base):
+    model, tokenizer = base
+    torch.manual_seed(0)
+    ev = MW.evaluate_world_model(model, tokenizer, W.ALL_CONTEXTS, n_per_context=20, seed=0)
+    assert len(ev["per_context"]) == 61 and all(v["n"] == 20 for v in ev["per_context"].values())
+    assert ev["min_acc"] >= 0.99, (ev["argmin"], ev["per_context"][ev["argmin"]])
+
+
+def test_base_left_padding_matches_single(base):
+    model, tokenizer = base
+    recs = [MW.heldout_records(c, 1, seed=2)[0] for c in ["SHOW", "ADD1", "REV ADD4 SHOW"]]
+    rows = [MW.render_prompt_ids(tokenizer, r["context"], r["prompt"]) for r in recs]
+    batched = MW.generate_responses(model, tokenizer, rows)
+    single = [MW.generate_responses(model, tokenizer, [row])[0] for row in rows]
+    assert batched == single
+    assert [t for t, _ in batched] == [r["answer"] for r in recs]
+
+
+def test_base_without_context_is_a_mixture(base):
+    """Greedy = identity, but the SHOW format keeps some (not overwhelming) mass: OPD on SHOW can sample it."""
+    model, tokenizer = base
+    for r in MW.heldout_records("SHOW", 6, seed=1):
+        x = r["prompt"]
+        row = MW.render_prompt_ids(tokenizer, None, x)
+        cands = [x, f"{x} = {x}", W.apply_context("ADD1", x)]
+        lp = MW.sequence_logprob(model, tokenizer, [row] * 3, [MW.answer_ids(tokenizer, a) for a in cands]).exp()
+        p_identity, p_show, p_add1 = lp.tolist()
+        assert 0.35 < p_identity < 0.75
+        assert 0.03 < p_show < 0.2
+        assert 0.03 < p_add1 < 0.2
+        assert MW.generate_responses(model, tokenizer, [row])[0][0] == x
