@@ -197,27 +197,26 @@ class WorldBatches(torch.utils.data.IterableDataset):
         self.p_no_context = p_no_context
         self.contexts = list(contexts) if contexts is not None else list(W.ALL_CONTEXTS)
         self.inputs = W.split_inputs(split)
-        self._prompt_table: dict[str, list[list[int]]] | None = None
+        self._prompt_table: dict[str, list[list[int]]] = {}
         self._answer_cache: dict[str, list[int]] = {}
 
-    def _build_prompt_table(self) -> dict[str, list[list[int]]]:
-        # Render each context once with a sentinel prompt, splice the digits into the text and
-        # batch-encode every (context, input) pair: identical to render_prompt_ids (checked below), ~50x faster.
+    def _prompt_rows(self, context: str) -> list[list[int]]:
+        # Render the context once with a sentinel prompt and splice the digit ids in between the ids
+        # of the text before and after it (word-level tokens, so this is exact; checked against
+        # render_prompt_ids on one input per context). ~100x faster than rendering every pair.
         sentinel = "\x00PROMPT\x00"
-        table: dict[str, list[list[int]]] = {}
-        prompts = [W.format_digits(x) for x in self.inputs]
-        for context in [""] + self.contexts:
-            text = self.tokenizer.apply_chat_template(render_messages(context, sentinel), add_generation_prompt=True,
-                                                      tokenize=False)
-            pre, post = text.split(sentinel)
-            table[context] = self.tokenizer([pre + p + post for p in prompts], add_special_tokens=False).input_ids
-            if table[context][0] != render_prompt_ids(self.tokenizer, context, prompts[0]):
-                raise AssertionError("world prompt splicing disagrees with the chat template")
-        return table
+        text = self.tokenizer.apply_chat_template(render_messages(context, sentinel), add_generation_prompt=True,
+                                                  tokenize=False)
+        pre, post = (self.tokenizer(t, add_special_tokens=False).input_ids for t in text.split(sentinel))
+        digit_ids = self.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)])
+        rows = [list(pre) + [digit_ids[d] for d in x] + list(post) for x in self.inputs]
+        if rows[0] != render_prompt_ids(self.tokenizer, context, W.format_digits(self.inputs[0])):
+            raise AssertionError("world prompt splicing disagrees with the chat template")
+        return rows
 
     def _prompt(self, context: str, input_index: int) -> list[int]:
-        if self._prompt_table is None:
-            self._prompt_table = self._build_prompt_table()
+        if context not in self._prompt_table:
+            self._prompt_table[context] = self._prompt_rows(context)
         return self._prompt_table[context][input_index]
 
     def _answer(self, answer: str) -> list[int]:
