@@ -12,13 +12,16 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
+from pathlib import Path
+
+from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import OnPolicyDistillation
-from lightning_ctx.tracking import MLflowConfigCallback
+from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
 
-USER_ERRORS = (DataError, ModelError)
+USER_ERRORS = (DataError, ModelError, TrackingError)
 
 
 class ContextCLI(LightningCLI):
@@ -42,10 +45,22 @@ class ContextCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data": {"class_path": "lightning_ctx.data.datamodule.ContextPairDataModule"}})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+
+    def _instantiate_trainer(self, config, callbacks):
+        # The checkpoint callback is always configured (``--checkpoint.*``) but must step aside when
+        # the user turns checkpointing off, or Lightning refuses the combination.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, RunCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare(self) -> None:
-        """Validate data against the model before a logger creates any run."""
+        """Validate data, model and tracking store before a logger creates any run."""
         dm, model = self.datamodule, self.model
+        for logger in self.trainer.loggers:
+            uri = getattr(logger, "_tracking_uri", None)
+            if uri:
+                check_tracking_reachable(uri)
         if dm is None:
             return
         if getattr(dm, "tokenizer", None) is None:
@@ -53,8 +68,31 @@ class ContextCLI(LightningCLI):
         dm.validate()
         model.check_data(dm)
 
+    def _resume_tracking(self) -> None:
+        """``--ckpt_path``: find the checkpoint and continue its MLflow run (no duplicate run)."""
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, RunCheckpoint):
+                cb.set_default_dirpath(self.trainer.default_root_dir)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            found = [find_last_checkpoint(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+            found = [p for p in found if p is not None]
+            if not found:
+                return  # Lightning warns and starts fresh, as documented for ckpt_path=last
+            ckpt_path = max(found, key=lambda p: p.stat().st_mtime)
+        elif not Path(ckpt_path).exists():
+            raise DataError("checkpoint does not exist", path=ckpt_path, field="ckpt_path")
+        run_id = read_mlflow_run_id(ckpt_path)
+        if run_id:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MLflowLogger):
+                    logger.continue_run(run_id)
+
     def before_fit(self) -> None:
         self._prepare()
+        self._resume_tracking()
 
     def before_validate(self) -> None:
         self._prepare()

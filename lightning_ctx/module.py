@@ -14,17 +14,35 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
 from lightning_ctx import objectives
+from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, RNG_KEY, capture_rng_states, restore_rng_states
 from lightning_ctx.data.datamodule import ContextPairBatch
 from lightning_ctx.data.render import join_prompt_and_response, response_logits
-from lightning_ctx.models.loading import (ModelError, check_teacher_compatible, freeze, frozen_copy,
-                                          load_causal_lm, load_tokenizer, output_vocab_size)
+from lightning_ctx.models.loading import (BaseWeightsTeacher, ModelError, apply_lora, check_teacher_compatible,
+                                          freeze, frozen_copy, load_causal_lm, load_quantized_teacher,
+                                          load_tokenizer, output_vocab_size)
 from lightning_ctx.rollout import Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
+
+
+TEACHER_BASE = "base"  # model.teacher: the LoRA student's base weights with the adapter disabled
+AUTO_CHUNK_MIN_VOCAB = 32768
+
+
+def auto_chunk_size(batch_size: int, vocab_size: int, budget_mib: int = 256,
+                    min_vocab: int = AUTO_CHUNK_MIN_VOCAB) -> Optional[int]:
+    """Sequence chunk so that one float32 ``[batch_size, chunk, vocab_size]`` block is <= ``budget_mib`` MiB.
+
+    None (unchunked) below ``min_vocab``: small vocabularies gain nothing from chunking. Never below 1.
+    """
+    if vocab_size < min_vocab:
+        return None
+    return max(1, (budget_mib * 2 ** 20) // (4 * max(batch_size, 1) * vocab_size))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,16 +54,32 @@ class OnPolicyDistillation(pl.LightningModule):
 
     Args:
         student: HF causal LM folder (or an id already in the HF cache), or ``builtin:world``.
-        teacher: None = frozen copy of the initial student (self-distillation with context); else a
+        teacher: None = frozen copy of the initial student (self-distillation with context; with ``lora``
+            the base weights with the adapter disabled, which *are* the initial student); ``base`` = the LoRA
+            student's base weights with the adapter disabled (one copy of the weights in memory); else a
             folder/id of a model sharing the student's tokenizer.
+        lora: peft LoRA on the student, e.g. ``{r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}``
+            (None = full fine-tuning). Only the adapter trains; checkpoints still hold the full student.
+        teacher_quantization: ``4bit`` (NF4) | ``8bit`` (LLM.int8) bitsandbytes loading of the teacher (a
+            separate checkpoint, or the initial student re-loaded quantized when ``teacher`` is None).
         anchor_weight: beta of the anchored consistency term (0 = plain OPD; 0.5 was best in the paper).
         retain_weight: weight of the optional other-context retention term (needs ``data.retain_contexts``).
         divergence: ``reverse_kl`` | ``forward_kl`` | ``jsd`` | ``sampled`` (sampled-token estimator).
         jsd_beta: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).
         scope: ``full`` vocabulary or the student's ``topk`` indices (``topk``, ``topk_union_teacher``).
-        chunk_size: sequence chunk for the KL terms (bounds float32 ``[B, chunk, V]`` memory); None = all at once.
+        chunk_size: sequence chunk for the KL terms (bounds float32 ``[B, chunk, V]`` memory); None = automatic
+            (see ``auto_chunk``).
+        auto_chunk / auto_chunk_mib: with ``chunk_size`` None and a vocabulary of >= 32768 entries, chunk so
+            that one float32 ``[B, chunk, V]`` block is at most ``auto_chunk_mib`` MiB (256: chunk 27 for
+            B = 16, V = 151936). Smaller vocabularies stay unchunked. ``auto_chunk: false`` = never chunk
+            unless ``chunk_size`` is set. Chunked losses equal unchunked ones (they are recomputed in backward).
         anchor_direction: ``forward`` (paper) | ``reverse`` | ``symmetric``; ``detach_anchor``: stop-gradient on the anchor.
-        max_new_tokens / temperature / top_p / top_k: rollout sampling; ``rollout_engine``: ``hf`` | ``hf_static``.
+        max_new_tokens / temperature / top_p / top_k: rollout sampling; ``rollout_engine``: ``hf`` | ``hf_static``
+            (| ``hf_static_nocompile`` | ``hf_static_compile``; see ``lightning_ctx.rollout``).
+        greedy_rollout: decode rollouts greedily instead of sampling (deterministic; for tests and debugging).
+        rollout_warmup: decode one dummy batch of the training shape at fit start (compilation, CUDA graph
+            capture and the static cache's sizing then stay out of the timed steps).
+        optimizer: ``adamw`` (torch) | ``adamw8bit`` (bitsandbytes, 8-bit optimizer states).
         lr / weight_decay / warmup_steps / lr_schedule (``constant`` | ``cosine``) / min_lr_ratio: AdamW schedule.
         dtype / teacher_dtype: weights dtype (``float32`` | ``bfloat16`` | ``float16``).
         trust_remote_code: off unless asked. local_files_only: never download implicitly.
@@ -64,6 +98,8 @@ class OnPolicyDistillation(pl.LightningModule):
         topk: int = 256,
         topk_union_teacher: bool = False,
         chunk_size: Optional[int] = None,
+        auto_chunk: bool = True,
+        auto_chunk_mib: int = 256,
         anchor_direction: Literal["forward", "reverse", "symmetric"] = "forward",
         detach_anchor: bool = True,
         max_new_tokens: int = 32,
@@ -71,6 +107,9 @@ class OnPolicyDistillation(pl.LightningModule):
         top_p: float = 1.0,
         top_k: int = 0,
         rollout_engine: str = "hf",
+        greedy_rollout: bool = False,
+        rollout_warmup: bool = True,
+        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -78,6 +117,8 @@ class OnPolicyDistillation(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         dtype: str = "float32",
         teacher_dtype: Optional[str] = None,
+        lora: Optional[dict[str, Any]] = None,
+        teacher_quantization: Optional[Literal["4bit", "8bit"]] = None,
         trust_remote_code: bool = False,
         local_files_only: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
@@ -89,19 +130,48 @@ class OnPolicyDistillation(pl.LightningModule):
             raise ValueError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be raise or skip, got {on_nonfinite!r}")
+        if optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be adamw or adamw8bit, got {optimizer!r}")
+        if teacher_quantization not in (None, "4bit", "8bit"):
+            raise ModelError(f"unknown teacher_quantization {teacher_quantization!r}; choose 4bit or 8bit")
+        if auto_chunk_mib < 1:
+            raise ValueError(f"auto_chunk_mib must be >= 1, got {auto_chunk_mib}")
         self.save_hyperparameters()
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                         top_k=top_k)
+                                         top_k=top_k, greedy=greedy_rollout)
         self.engine = build_engine(rollout_engine)
         self.tokenizer = load_tokenizer(student, trust_remote_code, local_files_only)
         self.student = load_causal_lm(student, dtype, trust_remote_code, local_files_only)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps modules as it finds them
-        if teacher is None:
-            self.teacher = frozen_copy(self.student)
+        base_teacher = teacher == TEACHER_BASE or (teacher is None and lora is not None)
+        if base_teacher:
+            if lora is None:
+                raise ModelError("model.teacher: base means the LoRA student's base weights with the adapter "
+                                 "disabled; set model.lora (or leave model.teacher unset)")
+            if teacher_quantization is not None:
+                raise ModelError("model.teacher_quantization does not apply to teacher: base (those weights are "
+                                 "the student's own)")
+        if lora is not None:
+            self.student = apply_lora(self.student, lora)
+            self.student.train()
+        if base_teacher:
+            self.teacher = BaseWeightsTeacher(self.student)  # not a submodule: one copy of the weights
+            self.vocab_size = output_vocab_size(self.student)
+        elif teacher is None:
+            if teacher_quantization is not None:  # the initial student, re-loaded quantized
+                self.teacher = load_quantized_teacher(student, teacher_quantization, teacher_dtype or dtype,
+                                                      trust_remote_code, local_files_only)
+            else:
+                self.teacher = frozen_copy(self.student)
             self.vocab_size = output_vocab_size(self.student)
         else:
             teacher_tok = load_tokenizer(teacher, trust_remote_code, local_files_only)
-            self.teacher = freeze(load_causal_lm(teacher, teacher_dtype or dtype, trust_remote_code, local_files_only))
+            if teacher_quantization is not None:
+                self.teacher = load_quantized_teacher(teacher, teacher_quantization, teacher_dtype or dtype,
+                                                      trust_remote_code, local_files_only)
+            else:
+                self.teacher = freeze(load_causal_lm(teacher, teacher_dtype or dtype, trust_remote_code,
+                                                     local_files_only))
             self.vocab_size = check_teacher_compatible(self.tokenizer, teacher_tok, self.student, self.teacher, teacher)
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -141,27 +211,63 @@ class OnPolicyDistillation(pl.LightningModule):
         with torch.no_grad():
             return response_logits(self.teacher, inputs, self.vocab_size)
 
-    def _divergence(self, student_logits, teacher_logits, tokens, mask) -> torch.Tensor:
+    def loss_chunk_size(self, batch_size: int) -> Optional[int]:
+        """The sequence chunk of the KL terms: ``chunk_size`` if set, else the automatic choice (or None)."""
+        hp = self.hparams
+        if hp.chunk_size is not None:
+            return hp.chunk_size
+        if hp.get("auto_chunk", True):
+            return auto_chunk_size(batch_size, self.vocab_size, hp.get("auto_chunk_mib", 256))
+        return None
+
+    def _token_scale(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """``n_local * world_size / n_global`` under a multi-process strategy, else None.
+
+        Each term is a per-token mean over the rank's own tokens; DDP/FSDP then *average* gradients over
+        ranks. Rescaling by this factor turns that average into the per-token mean over the whole global
+        batch (DESIGN section 2: never weight a token by how many tokens its rank happened to get), and the
+        rank-mean of the logged values into that same global mean.
+        """
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        n_local = mask.sum().to(torch.float32)
+        n_global = self.trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
+        return n_local * self.trainer.world_size / n_global.clamp(min=1)
+
+    def _divergence(self, student_logits, teacher_logits, tokens, mask, chunk_size=None) -> torch.Tensor:
         hp = self.hparams
         if hp.divergence == "sampled":
-            teacher_lp = objectives.token_logprobs(teacher_logits, tokens, chunk_size=hp.chunk_size)
-            return objectives.sampled_token_loss(student_logits, teacher_lp, tokens, mask)
+            teacher_lp = objectives.token_logprobs(teacher_logits, tokens, chunk_size=chunk_size)
+            return objectives.sampled_token_loss(student_logits, teacher_lp, tokens, mask, chunk_size=chunk_size)
         return objectives.token_divergence(student_logits, teacher_logits, mask, kind=hp.divergence, beta=hp.jsd_beta,
-                                           scope=hp.scope, topk=hp.topk, chunk_size=hp.chunk_size,
+                                           scope=hp.scope, topk=hp.topk, chunk_size=chunk_size,
                                            topk_union_teacher=hp.topk_union_teacher)
 
     def compute_losses(self, batch: ContextPairBatch, rollout: Rollout,
                        retain_rollout: Optional[Rollout] = None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum."""
+        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum.
+
+        Memory: the teacher logits are freed right after the OPD term. Every KL runs chunked over the sequence
+        (``loss_chunk_size``; automatic for vocabularies >= 32k) under activation checkpointing, so no float32
+        ``[B, R, V]`` log-probs are saved for backward, neither for the no-context pass nor for the
+        with-context pass: what stays alive across the with-context forward is the no-context logits in the
+        model's dtype (needed as the anchor) and the no-context activations. A two-stage backward (OPD
+        backward before the with-context pass) would free those activations too, but needs manual
+        optimization (and loses gradient accumulation/clipping/DDP single-backward semantics), so it is not done.
+        """
         hp = self.hparams
         mask, tokens = rollout.response_mask, rollout.response_ids
+        chunk = self.loss_chunk_size(tokens.shape[0])
         student_in = join_prompt_and_response(batch.prompt_ids, batch.prompt_mask, tokens, mask)
         ctx_in = join_prompt_and_response(batch.ctx_prompt_ids, batch.ctx_prompt_mask, tokens, mask)
         t0 = time.perf_counter()
         teacher_logits = self._teacher_logits(ctx_in)
         t1 = time.perf_counter()
         student_logits = response_logits(self.student, student_in, self.vocab_size)
-        opd = self._divergence(student_logits, teacher_logits, tokens, mask)
+        opd = self._divergence(student_logits, teacher_logits, tokens, mask, chunk)
+        scale = self._token_scale(mask)
+        if scale is not None:
+            opd = opd * scale
         del teacher_logits  # never keep [B, R, V] teacher logits alive past the term that needs them
         out = {"opd": opd}
         loss = opd
@@ -169,7 +275,9 @@ class OnPolicyDistillation(pl.LightningModule):
             ctx_student_logits = response_logits(self.student, ctx_in, self.vocab_size)
             anchor = objectives.anchored_consistency(student_logits, ctx_student_logits, mask,
                                                      direction=hp.anchor_direction, detach_anchor=hp.detach_anchor,
-                                                     scope=hp.scope, topk=hp.topk, chunk_size=hp.chunk_size)
+                                                     scope=hp.scope, topk=hp.topk, chunk_size=chunk)
+            if scale is not None:
+                anchor = anchor * scale
             out["anchor"] = anchor
             loss = loss + hp.anchor_weight * anchor
         if hp.retain_weight > 0 and retain_rollout is not None:
@@ -177,12 +285,16 @@ class OnPolicyDistillation(pl.LightningModule):
                                             retain_rollout.response_ids, retain_rollout.response_mask)
             r_teacher = self._teacher_logits(r_in)
             r_student = response_logits(self.student, r_in, self.vocab_size)
-            retain = self._divergence(r_student, r_teacher, retain_rollout.response_ids, retain_rollout.response_mask)
+            retain = self._divergence(r_student, r_teacher, retain_rollout.response_ids, retain_rollout.response_mask,
+                                      chunk)
+            r_scale = self._token_scale(retain_rollout.response_mask)
+            if r_scale is not None:
+                retain = retain * r_scale
             out["retain"] = retain
             loss = loss + hp.retain_weight * retain
         out["loss"] = loss
         with torch.no_grad():
-            out["entropy"] = objectives.token_entropy(student_logits.detach(), mask, chunk_size=hp.chunk_size)
+            out["entropy"] = objectives.token_entropy(student_logits.detach(), mask, chunk_size=chunk)
         out["time_teacher_s"] = torch.tensor(t1 - t0)
         return out
 
@@ -231,14 +343,16 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
         on_step = stage == "train"
+        # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
+        # token-rescaled terms (see ``_token_scale``) is the per-token mean over the global batch.
         for name in ("loss", "opd", "anchor", "retain", "entropy"):
             if name in terms:
                 self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=on_step, on_epoch=not on_step,
-                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=not on_step)
+                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=not on_step)
+                 batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=not on_step)
+                 batch_size=batch_size, sync_dist=True)
         if on_step:
             self.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
             self.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
@@ -260,15 +374,57 @@ class OnPolicyDistillation(pl.LightningModule):
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint[RNG_KEY] = capture_rng_states()
+        run_ids = [lg.run_id for lg in (self.loggers if self._trainer is not None else [])
+                   if isinstance(lg, MLFlowLogger)]
+        if run_ids:
+            checkpoint[MLFLOW_RUN_KEY] = run_ids[0]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        # Applied at train start, after everything that might draw random numbers while restoring.
+        self._pending_rng_states = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        states = getattr(self, "_pending_rng_states", None)
+        if states is not None:
+            restore_rng_states(states)
+            self._pending_rng_states = None
+
+    # -- fit start: rank-decorrelated sampling, rollout warm-up ------------------------------------
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # seed_everything seeds every rank alike: without an offset all ranks would draw the same
+            # sampling noise (correlated rollouts) and the same dropout masks.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        if self.hparams.get("rollout_warmup", True) and hasattr(self.engine, "warmup"):
+            self.warmup_rollout()
+
+    def warmup_rollout(self) -> Optional[float]:
+        """One dummy decode of the training shape (batch size, longest prompt) before the timed steps."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch_size = getattr(dm, "batch_size", None)
+        if not batch_size or not hasattr(dm, "longest_prompt"):
+            return None
+        seconds = self.engine.warmup(self.student, batch_size, dm.longest_prompt(), self.sampling,
+                                     self.eos_token_ids, self.pad_token_id)
+        for logger in self.loggers:
+            logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)
+        return seconds
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.get("optimizer", "adamw") == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ModelError("model.optimizer: adamw8bit needs bitsandbytes (pip install "
+                                 "'lightning-ctx[quant]')") from None
+            optimizer = bnb.optim.AdamW8bit(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.warmup_steps, total, hp.lr_schedule,
                                                                           hp.min_lr_ratio))

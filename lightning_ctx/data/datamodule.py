@@ -8,7 +8,9 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+import random
+
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.data.render import PromptRenderer, left_pad
@@ -40,14 +42,45 @@ class ContextPairBatch:
 
 
 class RecordDataset(Dataset):
+    """Records indexed by *draw number*: draw ``k`` is record ``k % n`` (see ``ResumableSampler``)."""
+
     def __init__(self, records: list[TaskRecord]):
         self.records = records
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> TaskRecord:
-        return self.records[i]
+    def __getitem__(self, k: int) -> tuple[int, TaskRecord]:
+        return k, self.records[k % len(self.records)]
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded epoch permutations that can start mid-epoch, so a resumed run sees the same data.
+
+    Yields draw numbers ``epoch * n + index``; every random choice made per draw (e.g. the other
+    context of the retention term) is a function of ``(seed, draw)``, never of a stateful generator,
+    so prefetching and resuming cannot shift it. ``start_at(draws_done)`` skips what was consumed.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self._next_draw = 0
+
+    def start_at(self, draws_done: int) -> None:
+        self._next_draw = max(0, draws_done)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch, offset = divmod(self._next_draw, self.n)
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(self.n)
+        self._next_draw = (epoch + 1) * self.n  # the next __iter__ is the next epoch
+        for i in order[offset:].tolist():
+            yield epoch * self.n + i
 
 
 class PairCollator:
@@ -58,9 +91,12 @@ class PairCollator:
         self.renderer = renderer
         self.pad_id = pad_id
         self.retain_contexts = list(retain_contexts or [])
-        self._rng = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def __call__(self, records: list[TaskRecord]) -> ContextPairBatch:
+    def __call__(self, items: list) -> ContextPairBatch:
+        # Items are (draw, record) from RecordDataset, or bare records (direct use in notebooks/tests).
+        draws = [it[0] if isinstance(it, tuple) else i for i, it in enumerate(items)]
+        records = [it[1] if isinstance(it, tuple) else it for it in items]
         plain = [self.renderer.ids(r.prompt) for r in records]
         with_ctx = [self.renderer.ids(r.prompt, r.context) for r in records]
         p_ids, p_mask = left_pad(plain, self.pad_id)
@@ -70,9 +106,9 @@ class PairCollator:
                                  [r.answer for r in records])
         if self.retain_contexts:
             chosen = []
-            for r in records:
+            for draw, r in zip(draws, records):
                 pool = [c for c in self.retain_contexts if c != r.context] or self.retain_contexts
-                chosen.append(pool[int(torch.randint(len(pool), (1,), generator=self._rng))])
+                chosen.append(random.Random(f"{self.seed}:{draw}").choice(pool))
             batch.retain_prompt_ids, batch.retain_prompt_mask = left_pad(
                 [self.renderer.ids(r.prompt, c) for r, c in zip(records, chosen)], self.pad_id)
             batch.retain_contexts = chosen
@@ -187,10 +223,26 @@ class ContextPairDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
             raise DataError(f"no {split} data configured", field=f"data.{split}_file")
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(RecordDataset(self.splits[split]), batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train and self.shuffle, drop_last=False, num_workers=self.num_workers,
-                          collate_fn=self._collator(retain=train), generator=generator)
+        records = self.splits[split]
+        sampler = ResumableSampler(len(records), shuffle=train and self.shuffle, seed=self.seed)
+        if train:
+            sampler.start_at(self._draws_done())
+        return DataLoader(RecordDataset(records), batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=sampler, drop_last=False, num_workers=self.num_workers,
+                          collate_fn=self._collator(retain=train))
+
+    def _draws_done(self) -> int:
+        """Training records consumed before this fit (re)started: the data position of a resumed run.
+
+        Derived from the restored global step, so a checkpoint holds the data position for free.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        per_epoch = -(-len(self.splits["train"]) // self.batch_size)
+        batches = trainer.global_step * trainer.accumulate_grad_batches
+        epochs, in_epoch = divmod(batches, per_epoch)
+        return epochs * len(self.splits["train"]) + in_epoch * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -204,3 +256,59 @@ class ContextPairDataModule(pl.LightningDataModule):
     def records(self, split: str) -> list[TaskRecord]:
         self.validate()
         return self.splits.get(split, [])
+
+
+class WorldDataModule(ContextPairDataModule):
+    """The built-in rule world (DESIGN §6): records are generated from seeds, no files needed.
+
+    Args:
+        target_context: the context to internalize (e.g. ``SHOW``, ``ADD2``).
+        n_train / n_val / n_test: records per split (inputs of the splits are disjoint pools).
+        data_seed: seed of the record draw (independent of ``seed_everything``).
+        retain_others: feed the retention term with every other in-distribution context.
+        retention_contexts / retention_items: how many other contexts, and items each, the
+            evaluation uses to measure ``retention`` (accuracy on c' != target vs the initial model).
+        Other arguments as in ``ContextPairDataModule``; ``verifier`` is always ``world``.
+    """
+
+    def __init__(self, target_context: str = "SHOW", n_train: int = 800, n_val: int = 100, n_test: int = 100,
+                 data_seed: int = 0, retain_others: bool = False, retention_contexts: int = 8,
+                 retention_items: int = 25, tokenizer: Optional[str] = None, batch_size: int = 64,
+                 eval_batch_size: Optional[int] = None, max_prompt_length: int = 64, template: str = "auto",
+                 max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        from lightning_ctx.data import world
+
+        target = world.normalize_context(target_context)
+        if target not in world.ALL_CONTEXTS:
+            raise DataError(f"unknown world context {target_context!r}; examples: {world.ALL_CONTEXTS[:6]}",
+                            field="data.target_context")
+        super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         max_prompt_length=max_prompt_length, template=template, verifier="world",
+                         retain_contexts=world.other_contexts(target) if retain_others else None,
+                         max_eval_items=max_eval_items, num_workers=num_workers, shuffle=shuffle, seed=seed)
+        self.target_context = target
+        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
+        self.data_seed = data_seed
+        self.retention_contexts = retention_contexts
+        self.retention_items = retention_items
+
+    def load_split_records(self, split: str) -> list[TaskRecord] | None:
+        from lightning_ctx.data import world
+
+        if self.sizes[split] <= 0:
+            return None
+        return [TaskRecord.from_dict(r) for r in
+                world.make_records(self.target_context, self.sizes[split], seed=self.data_seed, split=split)]
+
+    def split_source(self, split: str) -> str:
+        return f"world:{self.target_context}:{split}"
+
+    def retention_records(self) -> list[TaskRecord]:
+        """Held-out items under other contexts c' (seeded choice), with their answers under c'."""
+        from lightning_ctx.data import world
+
+        others = world.other_contexts(self.target_context)
+        rng = torch.Generator().manual_seed(self.data_seed)
+        chosen = [others[i] for i in torch.randperm(len(others), generator=rng)[: self.retention_contexts].tolist()]
+        return [TaskRecord.from_dict(r) for c in chosen
+                for r in world.make_records(c, self.retention_items, seed=self.data_seed, split="val")]

@@ -1,0 +1,73 @@
+"""Checkpoint and resume: RNG states, the MLflow run to continue, and where checkpoints live.
+
+A resumed run must end exactly where the uninterrupted one would: the data position comes from the
+restored global step (``ResumableSampler``), the sampling RNG from the states saved here, and the
+metrics go to the same MLflow run (its id is stored in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+MLFLOW_RUN_KEY = "mlflow_run_id"
+RNG_KEY = "rng_states"
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Every RNG a step draws from, as tensors and plain lists (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with resume-friendly defaults: every N steps, plus ``last.ckpt``.
+
+    ``dirpath=None`` means ``<trainer.default_root_dir>/checkpoints`` (the CLI fills it in before fit,
+    so ``--ckpt_path last`` finds the file without knowing the MLflow run id).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 50, save_last: bool = True,
+                 save_top_k: int = 1, filename: str = "step{step:06d}", **kwargs):
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_last=save_last,
+                         save_top_k=save_top_k, filename=filename, auto_insert_metric_name=False, **kwargs)
+
+    def set_default_dirpath(self, root: str | os.PathLike) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
+
+
+def find_last_checkpoint(dirpath: str | os.PathLike) -> Optional[Path]:
+    path = Path(dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    return path if path.exists() else None
+
+
+def read_mlflow_run_id(ckpt_path: str | os.PathLike) -> Optional[str]:
+    """The MLflow run a checkpoint belongs to (safe load: tensors and primitives only)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get(MLFLOW_RUN_KEY)
