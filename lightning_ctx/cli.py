@@ -7,10 +7,11 @@ any training or tracking starts.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pathlib import Path
 
@@ -18,10 +19,40 @@ from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, rea
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError
 from lightning_ctx.models.loading import ModelError
-from lightning_ctx.module import OnPolicyDistillation
+from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
 from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
 
 USER_ERRORS = (DataError, ModelError, TrackingError)
+
+
+_CURRENT_ARGV: list[str] = []  # the arguments being parsed, for locating config errors
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """Config errors as one line naming the config file, line and key (no usage wall)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        print(f"lightning-ctx: error: {locate_config_error(message, _CURRENT_ARGV)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def locate_config_error(message: str, argv: list[str]) -> str:
+    """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file."""
+    message = " ".join(message.split())
+    keys = re.findall(r"""['"]([A-Za-z_][\w.]*)['"]""", message)
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for key in keys:
+        leaf = key.split(".")[-1]
+        for path in configs:
+            try:
+                lines = Path(path).read_text().splitlines()
+            except OSError:
+                continue
+            for n, line in enumerate(lines, start=1):
+                if re.match(rf"\s*{re.escape(leaf)}\s*:", line):
+                    return f"{path}, line {n}, field '{key}': {message}"
+    return message
 
 
 class ContextCLI(LightningCLI):
@@ -35,6 +66,7 @@ class ContextCLI(LightningCLI):
             OnPolicyDistillation,
             ContextPairDataModule,
             subclass_mode_data=True,
+            parser_class=ConciseArgumentParser,
             save_config_callback=MLflowConfigCallback,
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
@@ -109,7 +141,9 @@ EXTRA_COMMANDS = {
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    _CURRENT_ARGV[:] = argv
     if argv and argv[0] in EXTRA_COMMANDS:
         import importlib
 
@@ -121,10 +155,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(2) from None
         raise SystemExit(result if isinstance(result, int) else 0)
     try:
-        ContextCLI(args=argv)
+        ContextCLI(args=None if from_command_line else argv)
     except USER_ERRORS as err:
         print(f"lightning-ctx: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:  # the run is marked failed and a checkpoint was saved first
+        print(f"lightning-ctx: stopped: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Literal, Optional
 
@@ -325,13 +326,26 @@ class OnPolicyDistillation(pl.LightningModule):
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
                 return None  # Lightning skips backward and the optimizer step
+            saved = self._save_before_stopping(f"nonfinite-step{step:06d}.ckpt")
             raise NonFiniteLossError(f"non-finite loss at step {step}: term '{bad}' = {terms[bad].item()} "
                                      f"(opd={terms['opd'].item():.4g}"
                                      + (f", anchor={terms['anchor'].item():.4g}" if "anchor" in terms else "")
-                                     + (f", retain={terms['retain'].item():.4g}" if "retain" in terms else "") + ")")
+                                     + (f", retain={terms['retain'].item():.4g}" if "retain" in terms else "")
+                                     + ")" + (f"; state before this step saved to {saved}" if saved else "")
+                                     + "; set model.on_nonfinite=skip to skip such steps instead")
         self._log_terms("train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
         return terms["loss"]
+
+    def _save_before_stopping(self, filename: str) -> Optional[str]:
+        """Checkpoint the state before the failing update (weights are still finite) next to the others."""
+        if self._trainer is None:
+            return None
+        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        folder = callbacks[0].dirpath if callbacks else self.trainer.default_root_dir
+        path = os.path.join(folder, filename)
+        self.trainer.save_checkpoint(path)
+        return path
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
