@@ -3,6 +3,12 @@
 ``MLFLOW_TRACKING_URI`` overrides the store. Lightning's own ``MLFlowLogger()`` defaults to the file
 store (which MLflow 3 refuses) and LightningCLI's ``SaveConfigCallback`` asserts on a logger without a
 ``save_dir``; both are handled here.
+
+``lightning-ctx compare`` (:func:`compare_main`) reads runs back from any tracking URI, groups them by
+configuration (``--group-by``, default task / target context / model; see ``KEY_SOURCES``) and method
+(``model.anchor_weight`` 0 = OPD, > 0 = anchored), averages the final ``eval/*`` metrics over seeds and
+prints a paper-style table with deltas and "harm reduced in N of M configurations"; it also writes
+``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` to ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -248,10 +254,11 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return mean, std, len(finite)
 
 
-def _cell(mean: float, std: float, n: int, digits: int = 3) -> str:
+def _cell(mean: float, std: float, n: int, runs: int, digits: int = 3) -> str:
+    """``mean ± std``; ``(n=k)`` when only k of the group's runs have a finite value; ``-`` when none has."""
     if n == 0:
-        return "-" if math.isnan(mean) else "nan"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" (n={n})" if n < runs else "")
 
 
 def _delta(x: float) -> str:
@@ -366,7 +373,7 @@ def format_compare_table(result: dict[str, Any]) -> str:
         for method, data in c["methods"].items():
             cells = key_cells if first else [""] * len(key_cells)
             rows.append(cells + [method, str(len(data["runs"]))]
-                        + [_cell(**{k: data["metrics"][m][k] for k in ("mean", "std", "n")})
+                        + [_cell(**{k: data["metrics"][m][k] for k in ("mean", "std", "n")}, runs=len(data["runs"]))
                            for m in result["metrics"]])
             first = False
         for method, delta in c["deltas"].items():
@@ -384,8 +391,10 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     fig = Figure(figsize=(max(6.0, 1.2 + 0.9 * len(configs) * max(1, len(methods)) / 2) * 1.0,
                           2.6 * len(metrics)), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
-    labels = [", ".join(short_label(v) for v in c["key"].values()) or "all" for c in configs]
+    axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
+    # label configurations by the keys that differ between them (all keys if none does)
+    varying = [g for g in result["group_by"] if len({c["key"][g] for c in configs}) > 1] or list(result["group_by"])
+    labels = [", ".join(short_label(c["key"][g]) for g in varying) or "all" for c in configs]
     width = 0.8 / max(1, len(methods))
     for ax, m in zip(axes, metrics):
         for j, method in enumerate(methods):
@@ -400,10 +409,12 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
                 es.append(s["std"] if s["n"] > 1 else 0.0)
             ax.bar(xs, ys, width=width, yerr=es, capsize=3, label=method)
         ax.set_ylabel(m)
-        ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(range(len(configs)))
+    axes[-1].set_xticklabels(labels, rotation=20 if len(configs) > 4 else 0, ha="right" if len(configs) > 4 else "center",
+                             fontsize=8)
+    axes[-1].set_xlabel(", ".join(varying))
     axes[0].legend(fontsize=8)
     axes[0].set_title(f"{result['metric_prefix']}* (final), mean over seeds")
     fig.tight_layout()

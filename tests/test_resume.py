@@ -24,10 +24,8 @@ def _args(student, train, root):
 
 
 def _env(workdir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
-    (workdir / "mlruns").mkdir(parents=True, exist_ok=True)
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
 
 
 def _cli(args, workdir, **kw):
@@ -44,8 +42,9 @@ def _final_state(workdir):
     return runs, {m.step: m.value for m in history}, ckpt
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_dirs):
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_dirs, mlflow_template_db):
     import json
+    import shutil
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in make_records(20)))
@@ -53,7 +52,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_dirs):
 
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
     for d in (ref_dir, kill_dir):
-        d.mkdir()
+        (d / "mlruns").mkdir(parents=True)
+        shutil.copy(mlflow_template_db, d / "mlruns" / "mlflow.db")
     ref = _cli(_args(student, str(train), ref_dir / "root"), ref_dir)
 
     victim = _cli(_args(student, str(train), kill_dir / "root"), kill_dir)

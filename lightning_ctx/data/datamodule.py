@@ -303,12 +303,12 @@ class WorldDataModule(ContextPairDataModule):
     def split_source(self, split: str) -> str:
         return f"world:{self.target_context}:{split}"
 
-    def retention_records(self) -> list[TaskRecord]:
-        """Held-out items under other contexts c' (seeded choice), with their answers under c'."""
+    def retention_records(self, split: str = "val") -> list[TaskRecord]:
+        """Held-out items of ``split`` under other contexts c' (seeded choice), with their answers under c'."""
         from lightning_ctx.data import world
 
         others = world.other_contexts(self.target_context)
         rng = torch.Generator().manual_seed(self.data_seed)
         chosen = [others[i] for i in torch.randperm(len(others), generator=rng)[: self.retention_contexts].tolist()]
         return [TaskRecord.from_dict(r) for c in chosen
-                for r in world.make_records(c, self.retention_items, seed=self.data_seed, split="val")]
+                for r in world.make_records(c, self.retention_items, seed=self.data_seed, split=split)]

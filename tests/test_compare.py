@@ -1,0 +1,209 @@
+"""``lightning-ctx compare`` on runs written directly with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lightning_ctx.tracking import compare_main, key_sources, method_labels, short_label
+
+# (target, anchor weight, seed) -> final metrics; SHOW: anchored harm lower, ADD2: not lower
+FINAL = {
+    ("SHOW", "0.0", 0): dict(acc_no_ctx=0.9, acc_ctx=0.60, harm=0.40, len_inflation=1.2, retention=0.95),
+    ("SHOW", "0.0", 1): dict(acc_no_ctx=0.8, acc_ctx=0.70, harm=0.20, len_inflation=1.0, retention=0.90),
+    ("SHOW", "0.5", 0): dict(acc_no_ctx=0.9, acc_ctx=0.95, harm=0.00, len_inflation=0.1, retention=0.70),
+    ("SHOW", "0.5", 1): dict(acc_no_ctx=0.8, acc_ctx=0.85, harm=0.10, len_inflation=0.0, retention=0.60),
+    ("ADD2", "0.0", 0): dict(acc_no_ctx=0.7, acc_ctx=0.80, harm=0.10, len_inflation=0.0, retention=0.99),
+    ("ADD2", "0.0", 1): dict(acc_no_ctx=0.6, acc_ctx=0.75, harm=0.10, len_inflation=0.0, retention=0.97),
+    ("ADD2", "0.5", 0): dict(acc_no_ctx=0.7, acc_ctx=0.70, harm=0.20, len_inflation=0.0, retention=0.50),
+    ("ADD2", "0.5", 1): dict(acc_no_ctx=0.6, acc_ctx=0.80, harm=0.10, len_inflation=0.0, retention=float("nan")),
+}
+
+
+def _log_run(client, exp_id, target, weight, seed, metrics, finish=True):
+    from mlflow.entities import Metric, Param
+
+    rid = client.create_run(exp_id, tags={"grid": "paper"}).info.run_id
+    params = {"cfg/data.class_path": "lightning_ctx.data.world.WorldDataModule",
+              "cfg/data.init_args.target_context": target, "cfg/data.init_args.train_file": "None",
+              "cfg/model.student": "builtin:world", "cfg/model.anchor_weight": weight,
+              "cfg/seed_everything": str(seed), "anchor_weight": weight}
+    # an earlier evaluation (step 10) that must be ignored, then the final one (step 150)
+    logged = [Metric(f"eval/{k}", 0.99, 1, 10) for k in metrics] + [Metric(f"eval/{k}", v, 2, 150)
+                                                                   for k, v in metrics.items()]
+    client.log_batch(rid, metrics=logged, params=[Param(k, v) for k, v in params.items()])
+    if finish:
+        client.set_terminated(rid)
+    return rid
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating a store and its runs takes seconds on this machine)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('cmp_store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_uri(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+    return store
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("grid")
+    ids = {key: _log_run(client, exp, *key, metrics) for key, metrics in FINAL.items()}
+    # noise that must not be selected: an unfinished run in the experiment, a run in another experiment
+    _log_run(client, exp, "SHOW", "0.5", 2, dict(harm=0.99, acc_ctx=0.0), finish=False)
+    _log_run(client, client.create_experiment("other"), "SHOW", "0.5", 3, dict(harm=0.99, acc_ctx=0.0))
+    return ids
+
+
+def _expected(keys, metric):
+    vals = [FINAL[k][metric] for k in keys if not math.isnan(FINAL[k][metric])]
+    return sum(vals) / len(vals)
+
+
+def _count_harm_reduced(group_fn):
+    groups = {}
+    for key in FINAL:
+        groups.setdefault(group_fn(key), {}).setdefault(key[1], []).append(key)
+    reduced = sum(_expected(g["0.5"], "harm") < _expected(g["0.0"], "harm") for g in groups.values())
+    return reduced, len(groups)
+
+
+def test_compare_table_means_and_harm_line(runs, mlflow_uri, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "grid", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    n, m = _count_harm_reduced(lambda k: k[0])
+    assert (n, m) == (1, 2)
+    assert f"harm reduced in {n} of {m} configurations" in text
+    assert "acc_ctx improved in 1 of 2 configurations" in text  # SHOW +0.25, ADD2 -0.025
+
+    result = json.loads((out / "compare.json").read_text())
+    assert result["n_runs"] == 8  # the RUNNING run and the other experiment are excluded
+    by_target = {c["key"]["target"]: c for c in result["configs"]}
+    assert set(by_target) == {"SHOW", "ADD2"}
+    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.data.world.WorldDataModule"
+    assert by_target["SHOW"]["key"]["model"] == "builtin:world"
+    for target, c in by_target.items():
+        for method, weight in (("OPD", "0.0"), ("anchored", "0.5")):
+            keys = [k for k in FINAL if k[0] == target and k[1] == weight]
+            stats = c["methods"][method]["metrics"]
+            assert sorted(c["methods"][method]["seeds"]) == ["0", "1"]
+            for metric in ("acc_no_ctx", "acc_ctx", "harm", "len_inflation", "retention"):
+                assert stats[metric]["mean"] == pytest.approx(_expected(keys, metric)), (target, method, metric)
+        assert c["deltas"]["anchored"]["harm"] == pytest.approx(
+            _expected([k for k in FINAL if k[:2] == (target, "0.5")], "harm")
+            - _expected([k for k in FINAL if k[:2] == (target, "0.0")], "harm"))
+    assert by_target["ADD2"]["methods"]["anchored"]["metrics"]["retention"]["n"] == 1  # the NaN seed is skipped
+
+    md = (out / "compare.md").read_text()
+    assert "| target" in md and "Δ anchored − OPD" in md and "-0.250" in md  # SHOW harm: 0.05 - 0.30
+    assert f"harm reduced in {n} of {m} configurations" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.csv").read_text().count("\n") == 5  # header + 2 configs x 2 methods
+
+
+def test_group_by_seed_and_run_ids_and_filter(runs, mlflow_uri, tmp_path, capsys):
+    n, m = _count_harm_reduced(lambda k: (k[0], k[2]))
+    assert compare_main(["--tracking-uri", mlflow_uri, "--filter", "tags.grid = 'paper'", "--experiment", "grid",
+                         "--group-by", "task,target,model,seed", "--out-dir", str(tmp_path / "a")]) == 0
+    assert f"harm reduced in {n} of {m} configurations" in capsys.readouterr().out
+    assert (n, m) == (2, 4)
+
+    show = [rid for key, rid in runs.items() if key[0] == "SHOW"]
+    assert compare_main(["--tracking-uri", mlflow_uri, "--run-ids", *show, "--out-dir", str(tmp_path / "b")]) == 0
+    assert "harm reduced in 1 of 1 configurations" in capsys.readouterr().out
+
+
+def test_no_match_is_a_clear_error(runs, mlflow_uri, tmp_path, capsys):
+    from lightning_ctx.cli import main
+
+    assert compare_main(["--tracking-uri", mlflow_uri, "--filter", "tags.grid = 'nope'",
+                         "--out-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "no runs matched" in err and "tags.grid = 'nope'" in err
+    assert not (tmp_path / "c").exists()
+
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "missing"]) == 1
+    assert "no experiment named 'missing'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:  # through the CLI dispatcher, default URI from the environment
+        main(["compare", "--filter", "tags.grid = 'nope'"])
+    assert exc.value.code == 1
+
+
+def test_key_helpers():
+    assert key_sources("target")[0] == "tags.target_context"
+    assert key_sources("params.cfg/x|foo") == ("params.cfg/x", "params.foo", "tags.foo")
+    assert method_labels(["0.0", "0.5", None]) == {"0.0": "OPD", "0.5": "anchored", None: "?"}
+    assert method_labels(["0", "0.1", "1.0"]) == {"0": "OPD", "0.1": "anchored(0.1)", "1.0": "anchored(1)"}
+    assert short_label("lightning_ctx.data.world.WorldDataModule") == "WorldDataModule"
+    assert short_label("/data/gsm8k/train.jsonl") == "gsm8k/train.jsonl"
+    assert short_label("0.5") == "0.5" and short_label(None) == "-"
+
+
+def _load_grid():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "grid.py"
+    spec = importlib.util.spec_from_file_location("grid_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(capsys):
+    import shlex
+    from types import SimpleNamespace
+
+    from lightning_ctx.tracking import run_value
+
+    grid = _load_grid()
+    args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
+                            "--experiment", "E", "--", "--data.n_train", "64"])
+    jobs = grid.fit_jobs(args)
+    assert len(jobs) == 8 and len({j.name for j in jobs}) == 8
+    job = next(j for j in jobs if j.name == "ADD1_REV-w0.5-s1")
+    argv = job.argv
+    opt = lambda name: argv[argv.index(name) + 1]  # noqa: E731
+    assert argv[argv.index("fit") - 1].endswith(("lightning-ctx", "lightning_ctx.cli"))
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    assert configs[0].endswith("experiments/world_opd.yaml") and configs[1].endswith("experiments/grid/eval.yaml")
+    assert (opt("--data.target_context"), opt("--seed_everything"), opt("--model.anchor_weight")) == ("ADD1 REV", "1", "0.5")
+    assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
+    assert argv[-2:] == ["--data.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
+    # both methods for every (target, seed)
+    pairs = {(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
+    for j in jobs:
+        pairs[(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))].add(opt_of(j, "--model.anchor_weight"))
+    assert all(v == {"0", "0.5"} for v in pairs.values()) and len(pairs) == 4
+
+    # the tags it sets are what compare groups by
+    tags = json.loads(opt("--trainer.logger.init_args.tags"))
+    fake = SimpleNamespace(data=SimpleNamespace(tags=tags, params={}))
+    assert (run_value(fake, "target"), run_value(fake, "seed"), run_value(fake, "anchor_weight"),
+            run_value(fake, "task")) == ("ADD1 REV", "1", "0.5", "world")
+    cmp_avg, cmp_seed = grid.compare_jobs(args)
+    assert cmp_avg.argv[cmp_avg.argv.index("--filter") + 1] == f"tags.grid = '{tags['grid']}'"
+    assert "seed" in cmp_seed.argv[cmp_seed.argv.index("--group-by") + 1].split(",")
+
+    assert grid.main(["--dry-run", "--targets", "SHOW", "--seeds", "3"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert len(lines) == 2 + 2  # two fits, two compares
+    assert shlex.split(lines[1])[2:] == grid.fit_jobs(grid.parse_args(["--targets", "SHOW", "--seeds", "3"]))[1].argv
+
+
+def opt_of(job, name):
+    return job.argv[job.argv.index(name) + 1]
