@@ -75,8 +75,9 @@ class OnPolicyDistillation(pl.LightningModule):
             B = 16, V = 151936). Smaller vocabularies stay unchunked. ``auto_chunk: false`` = never chunk
             unless ``chunk_size`` is set. Chunked losses equal unchunked ones (they are recomputed in backward).
         anchor_direction: ``forward`` (paper) | ``reverse`` | ``symmetric``; ``detach_anchor``: stop-gradient on the anchor.
-        max_new_tokens / temperature / top_p / top_k: rollout sampling; ``rollout_engine``: ``hf`` | ``hf_static``
-            (| ``hf_static_nocompile`` | ``hf_static_compile``; see ``lightning_ctx.rollout``).
+        max_new_tokens / temperature / top_p / top_k: rollout sampling; ``rollout_engine``: ``hf`` (``generate``) |
+            ``hf_static`` (static KV cache, compiled on a GPU) | ``loop`` (lean decode loop, fastest on a CPU) |
+            ``hf_static_nocompile`` | ``hf_static_compile``; see ``lightning_ctx.rollout``.
         greedy_rollout: decode rollouts greedily instead of sampling (deterministic; for tests and debugging).
         rollout_warmup: decode one dummy batch of the training shape at fit start (compilation, CUDA graph
             capture and the static cache's sizing then stay out of the timed steps).
@@ -144,7 +145,9 @@ class OnPolicyDistillation(pl.LightningModule):
         self.tokenizer = load_tokenizer(student, trust_remote_code, local_files_only)
         self.student = load_causal_lm(student, dtype, trust_remote_code, local_files_only)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps modules as it finds them
-        base_teacher = teacher == TEACHER_BASE or (teacher is None and lora is not None)
+        # With LoRA and no separate teacher, the base weights with the adapter off *are* the initial student.
+        base_teacher = teacher == TEACHER_BASE or (teacher is None and lora is not None
+                                                   and teacher_quantization is None)
         if base_teacher:
             if lora is None:
                 raise ModelError("model.teacher: base means the LoRA student's base weights with the adapter "

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -91,7 +92,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_files_only:
 
 
 def load_causal_lm(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-                   local_files_only: bool = True, quantization: Optional[str] = None):
+                   local_files_only: bool = True, quantization: Optional[str] = None, device_map=None):
     """Load an HF causal LM from a local folder (safetensors only) or the HF cache.
 
     ``quantization``: None | ``4bit`` | ``8bit`` (bitsandbytes; for frozen teachers).
@@ -103,11 +104,144 @@ def load_causal_lm(name: str, dtype: str | torch.dtype = "float32", trust_remote
                   local_files_only=local_files_only, use_safetensors=True)
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, parse_dtype(dtype))
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelError(f"{name}: cannot load model ({err})") from None
     return model
+
+
+def load_quantized_teacher(name: str, quantization: str, dtype: str | torch.dtype = "float32",
+                           trust_remote_code: bool = False, local_files_only: bool = True):
+    """A frozen bitsandbytes ``4bit`` (NF4) or ``8bit`` (LLM.int8) model for teacher scoring.
+
+    The weights are quantized while loading, directly on the device they will run on: ``cuda:LOCAL_RANK``
+    when CUDA is available (moving a quantized model between devices afterwards is fragile: CPU 4-bit
+    weights are repacked for the CPU kernels), else the CPU (bitsandbytes >= 0.45 has a CPU backend).
+    ``dtype`` is the compute dtype of the non-quantized parts and of the 4-bit matmuls.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"teacher quantization {quantization!r} needs bitsandbytes (pip install "
+                         f"'lightning-ctx[quant]')") from None
+    if quantization == "8bit":
+        _quiet_int8_cast_warning()
+    device_map = None
+    if torch.cuda.is_available():
+        device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    model = load_causal_lm(name, dtype, trust_remote_code, local_files_only, quantization=quantization,
+                           device_map=device_map)
+    return freeze(model)
+
+
+class _OnceFilter(logging.Filter):
+    """Let a repeated log message through once (bitsandbytes logs one warning per int8 matmul call)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def _quiet_int8_cast_warning() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def apply_lora(model, lora: dict):
+    """Wrap ``model`` with a fresh peft LoRA adapter; only the adapter weights train.
+
+    ``lora`` keys: ``r`` (8), ``alpha`` (16), ``dropout`` (0.0), ``target_modules`` (``all-linear``: every
+    linear layer but the LM head; or a list of module names such as ``[q_proj, v_proj]``). The adapter
+    starts at zero (LoRA's B = 0), so the wrapped model computes exactly the base model at step 0.
+    """
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ModelError(f"model.lora: unknown key(s) {unknown}; allowed: {sorted(LORA_DEFAULTS)}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("model.lora needs peft (pip install 'lightning-ctx[lora]')") from None
+    cfg = {**LORA_DEFAULTS, **lora}
+    targets = cfg["target_modules"]
+    config = LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg["alpha"]), lora_dropout=float(cfg["dropout"]),
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise ModelError(f"model.lora: {err}") from None
+
+
+class BaseWeightsTeacher:
+    """The LoRA student's base weights with the adapter disabled, used as the frozen teacher.
+
+    One copy of the weights in memory. Deliberately *not* an ``nn.Module`` (nothing is registered twice,
+    nothing of it lands in checkpoints) and its ``eval()``/``train()`` are no-ops: the student object
+    must keep its own train/eval modes (a peer bug: calling ``.eval()`` on a teacher that is the student
+    object turns the student's dropout off for the rest of training). Scoring runs every submodule in
+    eval mode and restores each one's own mode afterwards (``eval_mode``).
+    """
+
+    def __init__(self, student):
+        if not hasattr(student, "disable_adapter"):
+            raise ModelError("teacher: base needs a LoRA student (set model.lora)")
+        self._student = student
+
+    def __call__(self, *args, **kwargs):
+        with self._student.disable_adapter(), eval_mode(self._student):
+            return self._student(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._student.disable_adapter(), eval_mode(self._student):
+            return self._student.generate(*args, **kwargs)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    def parameters(self):
+        """The frozen (non-adapter) weights of the student."""
+        return (p for n, p in self._student.named_parameters() if "lora_" not in n)
+
+    def __getattr__(self, name):  # config, generation_config, device, dtype, get_output_embeddings, ...
+        student = self.__dict__.get("_student")
+        if student is None or name.startswith("__"):  # copy/pickle probe dunders before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(student, name)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Every submodule in eval mode inside; each one's own mode restored after (no ``.eval()`` leaks out)."""
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:  # the flag only: no ``eval()`` override of a wrapper runs
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def quantization_config(kind: str, compute_dtype: torch.dtype):
