@@ -699,7 +699,8 @@ class ContextRemovabilityCallback(Callback):
         """The teacher when it is the frozen initial student; else the student before any training step."""
         hp = getattr(pl_module, "hparams", {})
         teacher_src = hp.get("teacher") if hasattr(hp, "get") else None
-        if teacher_src is None and getattr(pl_module, "teacher", None) is not None:
+        # None = frozen copy of the initial student; "base" = the LoRA student's base weights, adapter off.
+        if teacher_src in (None, "base") and getattr(pl_module, "teacher", None) is not None:
             return pl_module.teacher
         if before_training and trainer is not None and trainer.global_step == 0:
             return pl_module.student

@@ -55,6 +55,35 @@ def locate_config_error(message: str, argv: list[str]) -> str:
     return message
 
 
+def fix_subclass_defaults(cfg) -> None:
+    """Give a data module subclass its own defaults (jsonargparse issue #460).
+
+    When a config switches ``data.class_path`` away from ``ContextPairDataModule``, jsonargparse keeps
+    the base class's defaults for shared arguments (``WorldDataModule`` would get ``batch_size=8``).
+    An argument still equal to the base default is reset to the subclass default; the one thing this
+    cannot tell apart is a value set explicitly to exactly the base default.
+    """
+    import importlib
+    import inspect
+
+    data = cfg.get("data") if cfg is not None else None
+    class_path = getattr(data, "class_path", None) if data is not None else None
+    if not class_path or class_path.endswith(".ContextPairDataModule"):
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return
+    base = inspect.signature(ContextPairDataModule.__init__).parameters
+    own = inspect.signature(cls.__init__).parameters
+    init_args = data.init_args
+    for key, param in own.items():
+        if key in base and key in init_args and param.default is not inspect.Parameter.empty:
+            if init_args[key] == base[key].default and param.default != base[key].default:
+                init_args[key] = param.default
+
+
 class ContextCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
         kwargs.setdefault("trainer_defaults", {
@@ -78,6 +107,9 @@ class ContextCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data": {"class_path": "lightning_ctx.data.datamodule.ContextPairDataModule"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        fix_subclass_defaults(self.config.get(self.subcommand) if self.subcommand else self.config)
 
     def _instantiate_trainer(self, config, callbacks):
         # The checkpoint callback is always configured (``--checkpoint.*``) but must step aside when

@@ -29,8 +29,7 @@ def run_arm(config: Path, target: str, seed: int, steps: int, root: Path, experi
 
     cli = ContextCLI(args=["fit", "--config", str(config), "--seed_everything", str(seed),
                            "--data.init_args.target_context", target, "--trainer.max_steps", str(steps),
-                           "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-                           "--trainer.enable_model_summary", "false",
+                           "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
                            "--trainer.logger.init_args.experiment_name", experiment])
     return cli.trainer.logger.run_id
 

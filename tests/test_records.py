@@ -58,3 +58,12 @@ def test_verifiers():
     assert build_verifier("choice").parse_answer("Q") is None
     with pytest.raises(ValueError, match="unknown verifier"):
         build_verifier("fuzzy")
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("B) because", "B"), ("The answer: (C)", "C"), ("I think the answer is B", "B"),
+    ("A patient with fever needs fluids. Answer: D", "D"), ("C", "C"), ("(A) cough", "A"),
+    ("answer is A, no wait, the answer is C.", "C"), ("A lot of things", None), ("I am unsure", None),
+])
+def test_choice_verifier_reads_committed_letter(text, letter):
+    assert ChoiceVerifier().extract(text) == letter

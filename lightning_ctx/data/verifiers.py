@@ -49,17 +49,30 @@ class RegexVerifier:
 
 
 class ChoiceVerifier:
-    """Multiple choice: the first standalone option letter (A-J) of the response vs the gold letter."""
+    """Multiple choice: the option letter (A-J) the response commits to vs the gold letter.
 
-    _letter = re.compile(r"(?:^|[\s(\[])([A-J])(?:$|[\s).\]:,])")
+    Read in order of commitment: an explicit "answer is X" / "Answer: X" (the last one wins), then a
+    response that starts with the letter ("B", "B)", "(B) ..."), then a lone letter standing by itself.
+    A capital that opens a word ("A patient ...", "I think") is never read as an option.
+    """
+
+    _explicit = re.compile(r"(?:answer|option)\s*(?:is|:)?\s*:?\s*\(?([A-J])\b(?![a-z])", re.IGNORECASE)
+    _leading = re.compile(r"^\s*[\(\[]?([A-J])(?:$|[).\]:,]|\s+(?![a-z]))")
+    _lone = re.compile(r"(?:^|[\s(\[])([A-J])(?=$|[).\]:,]|\s+(?:$|[^a-z]))")
 
     def __init__(self, letters: str = "ABCDEFGHIJ"):
         self.letters = letters
 
     def extract(self, text: str) -> str | None:
-        m = self._letter.search(text.strip())
-        if m and m.group(1) in self.letters:
-            return m.group(1)
+        text = text.strip()
+        explicit = [m.group(1).upper() for m in self._explicit.finditer(text)]
+        for candidate in reversed(explicit):
+            if candidate in self.letters:
+                return candidate
+        for pattern in (self._leading, self._lone):
+            m = pattern.search(text)
+            if m and m.group(1) in self.letters:
+                return m.group(1)
         return None
 
     def parse_answer(self, answer: str) -> str | None:
@@ -88,9 +101,9 @@ def build_verifier(name: str, **kwargs) -> Verifier:
 
         return world_verifier
     if name == "frozenlake":
-        from lightning_ctx.data.frozenlake import frozenlake_verifier
+        from lightning_ctx.data.frozenlake import FrozenLakeVerifier, frozenlake_verifier
 
-        return frozenlake_verifier
+        return FrozenLakeVerifier(**kwargs) if kwargs else frozenlake_verifier  # kwargs: strict
     raise ValueError(f"unknown verifier {name!r}; choose exact, regex, choice, world or frozenlake")
 
 
