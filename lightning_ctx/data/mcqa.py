@@ -1,0 +1,318 @@
+"""Multiple-choice QA (MedMCQA-style) with a system prompt as the context to internalize.
+
+A raw row is converted to a task record ``{id, context, prompt, answer}``:
+
+* ``context`` = the system prompt text (the same for every record: system-prompt distillation);
+* ``prompt`` = the question and its lettered options plus a one-line answer instruction::
+
+      Question: Which organ produces insulin?
+      Options:
+      A) Liver
+      B) Pancreas
+      ...
+      Answer with the letter of the correct option.
+
+* ``answer`` = the gold letter (verifier ``choice``).
+
+Accepted raw rows (one JSON object per line, or one JSON array):
+
+* MedMCQA: ``question``, ``opa`` .. ``opd`` (``ope`` too if present), ``cop`` = index of the correct
+  option. The Hugging Face ``medmcqa`` export counts ``cop`` from 0 (``cop_base=0``, the default);
+  the original MedMCQA release counts from 1 (``cop_base=1``). Rows whose ``cop`` is -1 / missing
+  (MedMCQA's unlabeled test split) are an error unless ``skip_unanswered``.
+* generic: ``question``, ``options`` = a list of strings or a ``{"A": ..., "B": ...}`` dict, and
+  ``answer`` = a letter, a 0-based index or the text of one option (``answer_idx`` = a letter also
+  works, as in MedQA exports).
+
+``id`` is kept when the row has one, else ``<id_prefix><line>``; ``subject_name`` / ``topic_name``
+are kept as extra fields. Convert files with::
+
+    python -m lightning_ctx.data.mcqa raw.jsonl records.jsonl --system-prompt-file experiments/data/medmcqa_system_prompt.txt
+
+or read raw files directly with :class:`MCQADataModule` (``data.class_path:
+lightning_ctx.data.mcqa.MCQADataModule``), which converts on the fly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from lightning_ctx.data.datamodule import ContextPairDataModule
+from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
+
+__all__ = ["MEDICAL_SYSTEM_PROMPT", "ANSWER_INSTRUCTION", "format_mcq_prompt", "row_to_record", "convert_rows",
+           "read_rows", "load_mcqa", "read_system_prompt", "MCQADataModule", "main"]
+
+LETTERS = "ABCDEFGHIJ"
+MEDMCQA_OPTION_KEYS = ("opa", "opb", "opc", "opd", "ope")
+KEPT_FIELDS = ("subject_name", "topic_name")
+
+#: Default context: the system prompt of ``experiments/data/medmcqa_system_prompt.txt``.
+MEDICAL_SYSTEM_PROMPT = (
+    "You are a careful and experienced medical doctor. Read the question and every option, recall the "
+    "relevant anatomy, physiology, pharmacology and pathology, and rule out the wrong options before you "
+    "choose. Answer with the letter of the single best option."
+)
+ANSWER_INSTRUCTION = "Answer with the letter of the correct option."
+
+
+def format_mcq_prompt(question: str, options: Sequence[str], instruction: str = ANSWER_INSTRUCTION) -> str:
+    """``Question: ...`` / ``Options:`` / ``A) ...`` lines / the instruction (no context)."""
+    lines = [f"Question: {question.strip()}", "Options:"]
+    lines += [f"{LETTERS[i]}) {str(opt).strip()}" for i, opt in enumerate(options)]
+    if instruction:
+        lines.append(instruction)
+    return "\n".join(lines)
+
+
+def _options_of(row: dict, where: dict) -> list[str]:
+    if "options" in row:
+        opts = row["options"]
+        if isinstance(opts, dict):
+            keys = sorted(opts, key=lambda k: str(k).upper())
+            if [str(k).upper() for k in keys] != list(LETTERS[: len(keys)]):
+                raise DataError(f"option keys must be consecutive letters A, B, ...; got {list(opts)}",
+                                field="options", **where)
+            opts = [opts[k] for k in keys]
+        if not isinstance(opts, list):
+            raise DataError(f"must be a list or a dict of letters, got {type(opts).__name__}", field="options",
+                            **where)
+    else:
+        opts = [row[k] for k in MEDMCQA_OPTION_KEYS if k in row and row[k] is not None]
+        if not opts:
+            raise DataError("no options: a row needs 'options' or MedMCQA's 'opa'..'opd'", field="options", **where)
+    if not 2 <= len(opts) <= len(LETTERS):
+        raise DataError(f"needs 2 to {len(LETTERS)} options, got {len(opts)}", field="options", **where)
+    for i, opt in enumerate(opts):
+        if not isinstance(opt, (str, int, float)) or not str(opt).strip():
+            raise DataError(f"option {LETTERS[i]} is empty or not text", field="options", **where)
+    return [str(o) for o in opts]
+
+
+def _answer_index(row: dict, options: list[str], cop_base: int, where: dict) -> Optional[int]:
+    """Index of the gold option; None when the row is unlabeled (MedMCQA test: cop = -1 or missing)."""
+    if "cop" in row:
+        cop = row["cop"]
+        if cop is None or cop == -1 or cop == "":
+            return None
+        try:
+            idx = int(cop) - cop_base
+        except (TypeError, ValueError):
+            raise DataError(f"cop must be an integer, got {cop!r}", field="cop", **where) from None
+        if not 0 <= idx < len(options):
+            raise DataError(f"cop={cop} is out of range for {len(options)} options (cop_base={cop_base}; the "
+                            f"original MedMCQA release counts from 1: use cop_base 1)", field="cop", **where)
+        return idx
+    key = "answer_idx" if "answer_idx" in row else "answer" if "answer" in row else None
+    if key is None:
+        return None
+    ans = row[key]
+    if ans is None or ans == "":
+        return None
+    if isinstance(ans, bool):
+        raise DataError(f"cannot read answer {ans!r}", field=key, **where)
+    if isinstance(ans, int):
+        if not 0 <= ans < len(options):
+            raise DataError(f"answer index {ans} is out of range for {len(options)} options", field=key, **where)
+        return ans
+    text = str(ans).strip()
+    letter = text.rstrip(").:").strip().upper()
+    if len(letter) == 1 and letter in LETTERS[: len(options)]:
+        return LETTERS.index(letter)
+    matches = [i for i, o in enumerate(options) if o.strip() == text]
+    if len(matches) == 1:
+        return matches[0]
+    raise DataError(f"cannot read answer {ans!r}: expected a letter A-{LETTERS[len(options) - 1]}, an index or "
+                    f"the text of one option", field=key, **where)
+
+
+def row_to_record(row: Any, system_prompt: str, *, index: int = 0, cop_base: int = 0, id_prefix: str = "mcqa-",
+                  instruction: str = ANSWER_INSTRUCTION, path: str | Path | None = None,
+                  line: int | None = None) -> Optional[dict]:
+    """One raw MCQ row -> a record dict; None for an unlabeled row. Bad rows raise ``DataError``."""
+    where = {"path": path, "line": line}
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", **where)
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError("missing or empty question", field="question", **where)
+    options = _options_of(row, where)
+    idx = _answer_index(row, options, cop_base, where)
+    if idx is None:
+        return None
+    rec_id = row.get("id")
+    rec = {"id": str(rec_id) if rec_id not in (None, "") else f"{id_prefix}{index}", "context": system_prompt,
+           "prompt": format_mcq_prompt(question, options, instruction), "answer": LETTERS[idx]}
+    rec.update({k: row[k] for k in KEPT_FIELDS if k in row})
+    return rec
+
+
+def read_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line, row)`` pairs of a JSONL file (or a JSON array file: line = 1-based item number)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file does not exist", path=path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON ({err.msg})", path=path, line=err.lineno) from None
+        return list(enumerate(items, start=1))
+    rows = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(raw)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno) from None
+    return rows
+
+
+def convert_rows(rows: Iterable[tuple[int, Any]] | Iterable[Any], system_prompt: str, *, cop_base: int = 0,
+                 skip_unanswered: bool = False, id_prefix: str = "mcqa-", instruction: str = ANSWER_INSTRUCTION,
+                 path: str | Path | None = None) -> list[dict]:
+    """Raw rows (or ``(line, row)`` pairs) -> record dicts; duplicate ids and unlabeled rows are errors."""
+    out, seen = [], {}
+    for i, item in enumerate(rows, start=1):
+        line, row = item if isinstance(item, tuple) else (i, item)
+        rec = row_to_record(row, system_prompt, index=line, cop_base=cop_base, id_prefix=id_prefix,
+                            instruction=instruction, path=path, line=line)
+        if rec is None:
+            if skip_unanswered:
+                continue
+            raise DataError("no gold answer (cop is -1 or missing; MedMCQA's test split is unlabeled): set "
+                            "skip_unanswered to drop such rows", path=path, line=line, field="cop")
+        if rec["id"] in seen:
+            raise DataError(f"duplicate id {rec['id']!r} (first seen on line {seen[rec['id']]})", path=path,
+                            line=line, field="id")
+        seen[rec["id"]] = line
+        out.append(rec)
+    if not out:
+        raise DataError("no labeled rows", path=path)
+    return out
+
+
+def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: Optional[str | Path] = None) -> str:
+    """The context text: ``system_prompt``, else the file's content (stripped), else the default."""
+    if system_prompt is not None and system_prompt_file is not None:
+        raise DataError("give system_prompt or system_prompt_file, not both", field="system_prompt")
+    if system_prompt_file is not None:
+        p = Path(system_prompt_file)
+        if not p.exists():
+            raise DataError("file does not exist", path=p, field="system_prompt_file")
+        text = p.read_text(encoding="utf-8").strip()
+        if not text:
+            raise DataError("system prompt file is empty", path=p, field="system_prompt_file")
+        return text
+    return MEDICAL_SYSTEM_PROMPT if system_prompt is None else system_prompt
+
+
+def load_mcqa(path: str | Path, system_prompt: str, **kwargs) -> list[TaskRecord]:
+    """Read a raw MCQ file and convert it to validated ``TaskRecord``s."""
+    return [TaskRecord.from_dict(r, path=path) for r in convert_rows(read_rows(path), system_prompt, path=path,
+                                                                      **kwargs)]
+
+
+class MCQADataModule(ContextPairDataModule):
+    """Raw MedMCQA-style files -> paired-context batches; the context is one system prompt.
+
+    Args:
+        train_file / val_file / test_file: raw MCQ files (JSONL or a JSON array; see the module docs).
+        system_prompt / system_prompt_file: the context text (default: ``MEDICAL_SYSTEM_PROMPT``).
+        cop_base: 0 for the Hugging Face MedMCQA export, 1 for the original release.
+        skip_unanswered: drop rows without a gold answer instead of failing.
+        instruction: the line after the options (``Answer with the letter of the correct option.``).
+        val_size: with no ``val_file``, hold out this many training rows (a seeded choice) for validation
+            (0 = no validation split).
+        Other arguments as in ``ContextPairDataModule``; the verifier is always ``choice``.
+    """
+
+    # No ``verifier`` argument on purpose: LightningCLI carries init_args that a new data class shares with
+    # the default one (jsonargparse issue #460), so ``verifier: exact`` would silently replace ``choice``.
+
+    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
+                 test_file: Optional[str] = None, system_prompt: Optional[str] = None,
+                 system_prompt_file: Optional[str] = None, cop_base: int = 0, skip_unanswered: bool = False,
+                 val_size: int = 0, instruction: str = ANSWER_INSTRUCTION, tokenizer: Optional[str] = None,
+                 batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024,
+                 template: str = "auto", retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
+                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
+                         template=template, verifier="choice",
+                         retain_contexts=retain_contexts, max_eval_items=max_eval_items, num_workers=num_workers,
+                         shuffle=shuffle, seed=seed)
+        if val_size < 0:
+            raise DataError(f"must be >= 0, got {val_size}", field="data.val_size")
+        if val_size and val_file:
+            raise DataError("set val_file or val_size, not both", field="data.val_size")
+        self.system_prompt = read_system_prompt(system_prompt, system_prompt_file)
+        self.cop_base = cop_base
+        self.skip_unanswered = skip_unanswered
+        self.val_size = val_size
+        self.instruction = instruction
+        self._converted: dict[str, list[TaskRecord]] = {}
+
+    def _file_records(self, path: str) -> list[TaskRecord]:
+        if path not in self._converted:
+            self._converted[path] = load_mcqa(path, self.system_prompt, cop_base=self.cop_base,
+                                              skip_unanswered=self.skip_unanswered, instruction=self.instruction)
+        return self._converted[path]
+
+    def _heldout_ids(self, records: list[TaskRecord]) -> set[str]:
+        if self.val_size >= len(records):
+            raise DataError(f"val_size={self.val_size} leaves no training rows ({len(records)} in the file)",
+                            path=self.train_file, field="data.val_size")
+        order = list(range(len(records)))
+        random.Random(f"mcqa-val:{self.seed}").shuffle(order)
+        return {records[i].id for i in order[: self.val_size]}
+
+    def load_split_records(self, split: str) -> list[TaskRecord] | None:
+        if split in ("train", "val") and self.val_size and self.train_file:
+            records = self._file_records(self.train_file)
+            held = self._heldout_ids(records)
+            return [r for r in records if (r.id in held) == (split == "val")]
+        path = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
+        return self._file_records(path) if path else None
+
+    def split_source(self, split: str) -> str:
+        if split == "val" and self.val_size and self.train_file:
+            return f"{self.train_file} (val_size={self.val_size} held-out rows)"
+        return super().split_source(split)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lightning_ctx.data.mcqa",
+                                description="Convert MedMCQA-style rows to {id, context, prompt, answer} records.")
+    p.add_argument("input", help="raw JSONL (or JSON array) file")
+    p.add_argument("output", help="records JSONL to write")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--system-prompt", default=None, help="the context text")
+    g.add_argument("--system-prompt-file", default=None, help="file holding the context text")
+    p.add_argument("--cop-base", type=int, default=0, choices=(0, 1),
+                   help="0: HF medmcqa export (default); 1: original MedMCQA release")
+    p.add_argument("--skip-unanswered", action="store_true", help="drop rows without a gold answer")
+    p.add_argument("--id-prefix", default="mcqa-", help="id of rows without one: <prefix><line>")
+    args = p.parse_args(argv)
+    try:
+        system_prompt = read_system_prompt(args.system_prompt, args.system_prompt_file)
+        rows = read_rows(args.input)
+        records = convert_rows(rows, system_prompt, cop_base=args.cop_base, skip_unanswered=args.skip_unanswered,
+                               id_prefix=args.id_prefix, path=args.input)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_jsonl(records, args.output)
+    print(f"wrote {len(records)} records ({len(rows) - len(records)} unlabeled skipped) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The documentation stays true: knobs, generated reference, commands the README tells users to run."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+REFERENCE = REPO / "docs" / "config_reference.md"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_config_reference", REPO / "scripts" / "gen_config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return _load_generator()
+
+
+def test_every_model_knob_is_documented(generator):
+    printed = generator.printed_config()
+    docs = README.read_text() + REFERENCE.read_text()
+    missing = [k for k in printed["model"] if f"`model.{k}`" not in docs]
+    assert not missing, f"undocumented model knobs {missing}: run python scripts/gen_config_reference.py"
+    missing = [k for k in printed["data"]["init_args"] if f"`data.{k}`" not in docs]
+    assert not missing, f"undocumented data knobs {missing}: run python scripts/gen_config_reference.py"
+
+
+def test_config_reference_is_current(generator):
+    assert REFERENCE.read_text(encoding="utf-8") == generator.render(), \
+        "docs/config_reference.md is stale: run python scripts/gen_config_reference.py"
+
+
+def _makefile_targets() -> set[str]:
+    return set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", (REPO / "Makefile").read_text(), flags=re.M))
+
+
+def test_readme_make_commands_exist():
+    text = README.read_text()
+    used = set(re.findall(r"\bmake ([a-z][a-z0-9_-]*)", text))
+    assert {"demo", "test"} <= used
+    missing = used - _makefile_targets()
+    assert not missing, f"README mentions make targets the Makefile lacks: {sorted(missing)}"
+
+
+def test_readme_paths_and_modules_exist():
+    text = README.read_text()
+    for path in set(re.findall(r"\b((?:experiments|notebooks|scripts|docs|benchmarks)/[\w./-]+\.(?:yaml|ipynb|py|md|jsonl|txt))",
+                               text)):
+        assert (REPO / path).exists(), f"README mentions {path}, which does not exist"
+    for module in set(re.findall(r"python -m ([\w.]+)", text)):
+        if module.split(".")[0] in ("lightning_ctx", "benchmarks"):
+            assert importlib.util.find_spec(module) is not None, f"README runs python -m {module}, which is missing"
