@@ -188,27 +188,32 @@ def test_pretraining_batches(tok):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_model_config_and_short_fit(tok, arch):
-    import lightning.pytorch as pl
-
+def test_model_config(tok, arch):
     cfg = MW.build_world_model_config(tok, arch=arch)
     assert cfg.model_type == arch and cfg.tie_word_embeddings and cfg.vocab_size == len(tok)
     assert cfg.num_hidden_layers == 3 and cfg.hidden_size == 96 and cfg.max_position_embeddings == 64
     assert cfg.pad_token_id == tok.pad_token_id and cfg.eos_token_id == tok.eos_token_id
-    module = MW.WorldPretrainModule(arch=arch, width=32, layers=1, heads=2, lr=1e-2, warmup_steps=2, max_steps=20)
-    model = module.model
+    model = MW.build_world_model(tok, seed=0, arch=arch)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    batch = next(iter(MW.WorldBatches(tok, batch_size=16, seed=0)))
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    assert abs(loss - math.log(len(tok))) < 0.5  # fresh init: ~uniform over the vocabulary
+
+
+def test_pretrain_module_learns(tok):
+    import lightning.pytorch as pl
+
+    module = MW.WorldPretrainModule(width=32, layers=1, heads=2, lr=1e-2, warmup_steps=2, max_steps=20)
     data = MW.WorldBatches(module.tokenizer, batch_size=16, seed=0)
     batch = next(iter(data))
     with torch.no_grad():
-        before = model(**batch).loss.item()
-    assert abs(before - math.log(len(tok))) < 0.5  # fresh init: ~uniform over the vocabulary
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
+        before = module.model(**batch).loss.item()
     trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     with torch.no_grad():
-        after = model(**batch).loss.item()
+        after = module.model(**batch).loss.item()
     assert after < before - 0.5  # learns (only answer tokens are in the loss)
 
 
