@@ -166,6 +166,20 @@ def finished_run_names(args: argparse.Namespace) -> set[str]:
     return {r.data.tags.get("mlflow.runName", "") for r in runs}
 
 
+def prepare_store(args: argparse.Namespace) -> None:
+    """Create the SQLite store and the experiment once, before parallel fits race to create them
+    (two processes migrating one new SQLite file fail with 'duplicate column name')."""
+    from mlflow import MlflowClient
+
+    from lightning_ctx.tracking import MLflowLogger, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(args.experiment) is None:
+        location = MLflowLogger(experiment_name=args.experiment, tracking_uri=uri)._artifact_location
+        client.create_experiment(args.experiment, artifact_location=location)
+
+
 def _run(job: Job, log_dir: Path) -> tuple[Job, int, float]:
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -197,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jobs = [j for j in jobs if j.name not in done]
         if skipped:
             print(f"skipping {len(skipped)} finished runs: {', '.join(skipped)}")
+    prepare_store(args)
     log_dir = Path(args.log_dir or Path(args.out_dir) / "logs")
     failed = []
     t0 = time.time()
