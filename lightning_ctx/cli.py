@@ -109,7 +109,10 @@ class ContextCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
 
     def before_instantiate_classes(self) -> None:
-        fix_subclass_defaults(self.config.get(self.subcommand) if self.subcommand else self.config)
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        fix_subclass_defaults(cfg)
+        if cfg is not None and "weights_only" in cfg and cfg.get("weights_only") is None:
+            cfg.weights_only = True  # --ckpt_path loads tensors and primitives only, never arbitrary pickles
 
     def _instantiate_trainer(self, config, callbacks):
         # The checkpoint callback is always configured (``--checkpoint.*``) but must step aside when
