@@ -50,7 +50,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback
@@ -59,6 +59,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.data.render import join_prompt_and_response, left_pad, response_logits
+from lightning_ctx.models.loading import eval_mode
 from lightning_ctx.metrics import REMOVABILITY_KEYS, ContextRemovability, RemovabilityMetrics, Retention
 from lightning_ctx.objectives import per_token_divergence
 from lightning_ctx.rollout import Rollout, SamplingSettings, sample_responses
@@ -126,18 +127,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside; each one's own mode restored after (the teacher stays frozen)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # -------------------------------------------------------------------------------------------------
@@ -544,7 +533,7 @@ class ContextRemovabilityCallback(Callback):
         if ref_ret is not None and not all(i in ref_ret for i in range(len(retention_records or []))):
             ref_ret = None
         try:
-            with _eval_mode(pl_module), fwd():
+            with eval_mode(pl_module), fwd():
                 for start in range(0, len(mine), batch_size):
                     chunk = mine[start:start + batch_size]
                     idx = [i for i, _ in chunk]
@@ -652,7 +641,7 @@ class ContextRemovabilityCallback(Callback):
         items: dict[str, dict[int, bool]] = {"teacher_ctx": {}, "initial_no_ctx": {}, "retention": {}}
         fwd = forward_context or contextlib.nullcontext
         mine = self._sharded(records, rank, world_size)
-        with _eval_mode(pl_module), fwd():
+        with eval_mode(pl_module), fwd():
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start:start + batch_size]
                 recs = [r for _, r in chunk]

@@ -162,20 +162,13 @@ class OnPolicyDistillation(pl.LightningModule):
             self.teacher = BaseWeightsTeacher(self.student)  # not a submodule: one copy of the weights
             self.vocab_size = output_vocab_size(self.student)
         elif teacher is None:
-            if teacher_quantization is not None:  # the initial student, re-loaded quantized
-                self.teacher = load_quantized_teacher(student, teacher_quantization, teacher_dtype or dtype,
-                                                      trust_remote_code, local_files_only)
-            else:
-                self.teacher = frozen_copy(self.student)
+            # The initial student: a frozen copy, or re-loaded from its source when quantized.
+            self.teacher = (frozen_copy(self.student) if teacher_quantization is None
+                            else self._load_frozen_teacher(student))
             self.vocab_size = output_vocab_size(self.student)
         else:
             teacher_tok = load_tokenizer(teacher, trust_remote_code, local_files_only)
-            if teacher_quantization is not None:
-                self.teacher = load_quantized_teacher(teacher, teacher_quantization, teacher_dtype or dtype,
-                                                      trust_remote_code, local_files_only)
-            else:
-                self.teacher = freeze(load_causal_lm(teacher, teacher_dtype or dtype, trust_remote_code,
-                                                     local_files_only))
+            self.teacher = self._load_frozen_teacher(teacher)
             self.vocab_size = check_teacher_compatible(self.tokenizer, teacher_tok, self.student, self.teacher, teacher)
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -183,6 +176,15 @@ class OnPolicyDistillation(pl.LightningModule):
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
+
+    def _load_frozen_teacher(self, source: str):
+        """A frozen teacher from ``source``, quantized when ``teacher_quantization`` asks for it."""
+        hp = self.hparams
+        dtype = hp.teacher_dtype or hp.dtype
+        if hp.teacher_quantization is not None:
+            return load_quantized_teacher(source, hp.teacher_quantization, dtype, hp.trust_remote_code,
+                                          hp.local_files_only)
+        return freeze(load_causal_lm(source, dtype, hp.trust_remote_code, hp.local_files_only))
 
     # -- checks ---------------------------------------------------------------------------------
     def check_data(self, datamodule) -> None:

@@ -34,6 +34,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_ctx.data import world as W
+from lightning_ctx.data.render import left_pad
+from lightning_ctx.models.loading import eval_mode
 
 WORLD_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 
@@ -300,16 +302,6 @@ class WorldPretrainModule(pl.LightningModule):
 # evaluation
 # --------------------------------------------------------------------------------------------------
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompt_rows: list[list[int]], batch_size: int = 1024,
                        do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = MAX_NEW_TOKENS
@@ -317,12 +309,8 @@ def generate_responses(model, tokenizer, prompt_rows: list[list[int]], batch_siz
     """Decode with the model's own ``generate`` (left padding). Returns ``(text, stopped_with_eot)``.
 
     The model is put in eval mode for the call and its previous mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _generate(model, tokenizer, prompt_rows, batch_size, do_sample, temperature, max_new_tokens)
-    finally:
-        model.train(was_training)
 
 
 def _generate(model, tokenizer, prompt_rows, batch_size, do_sample, temperature, max_new_tokens):
@@ -330,7 +318,7 @@ def _generate(model, tokenizer, prompt_rows, batch_size, do_sample, temperature,
     out: list[tuple[str, bool]] = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompt_rows), batch_size):
-        ids, mask = _left_pad(prompt_rows[start:start + batch_size], pad)
+        ids, mask = left_pad(prompt_rows[start:start + batch_size], pad)
         kwargs: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                       pad_token_id=pad)
         if do_sample:
