@@ -44,6 +44,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
+from lightning_ctx.textfiles import read_json_lines, read_text
+from lightning_ctx.knobs import at_least, check_class_args, existing_file, one_of
 
 __all__ = ["MEDICAL_SYSTEM_PROMPT", "ANSWER_INSTRUCTION", "format_mcq_prompt", "row_to_record", "convert_rows",
            "read_rows", "load_mcqa", "read_system_prompt", "MCQADataModule", "main"]
@@ -154,25 +156,14 @@ def row_to_record(row: Any, system_prompt: str, *, index: int = 0, cop_base: int
 
 def read_rows(path: str | Path) -> list[tuple[int, Any]]:
     """``(line, row)`` pairs of a JSONL file (or a JSON array file: line = 1-based item number)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file does not exist", path=path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON ({err.msg})", path=path, line=err.lineno) from None
         return list(enumerate(items, start=1))
-    rows = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rows.append((lineno, json.loads(raw)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno) from None
-    return rows
+    return read_json_lines(path)
 
 
 def convert_rows(rows: Iterable[tuple[int, Any]] | Iterable[Any], system_prompt: str, *, cop_base: int = 0,
@@ -205,9 +196,7 @@ def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: 
         raise DataError("give system_prompt or system_prompt_file, not both", field="system_prompt")
     if system_prompt_file is not None:
         p = Path(system_prompt_file)
-        if not p.exists():
-            raise DataError("file does not exist", path=p, field="system_prompt_file")
-        text = p.read_text(encoding="utf-8").strip()
+        text = read_text(p, field="system_prompt_file").strip()
         if not text:
             raise DataError("system prompt file is empty", path=p, field="system_prompt_file")
         return text
@@ -237,6 +226,8 @@ class MCQADataModule(ContextPairDataModule):
     # No ``verifier`` argument on purpose: LightningCLI carries init_args that a new data class shares with
     # the default one (jsonargparse issue #460), so ``verifier: exact`` would silently replace ``choice``.
 
+    KNOB_CHECKS = (existing_file("system_prompt_file"), one_of("cop_base", (0, 1)), at_least("val_size", 0))
+
     def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
                  test_file: Optional[str] = None, system_prompt: Optional[str] = None,
                  system_prompt_file: Optional[str] = None, cop_base: int = 0, skip_unanswered: bool = False,
@@ -244,13 +235,12 @@ class MCQADataModule(ContextPairDataModule):
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024,
                  template: str = "auto", retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
                  num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        check_class_args(MCQADataModule, locals(), "data.")
         super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
                          template=template, verifier="choice",
                          retain_contexts=retain_contexts, max_eval_items=max_eval_items, num_workers=num_workers,
                          shuffle=shuffle, seed=seed)
-        if val_size < 0:
-            raise DataError(f"must be >= 0, got {val_size}", field="data.val_size")
         if val_size and val_file:
             raise DataError("set val_file or val_size, not both", field="data.val_size")
         self.system_prompt = read_system_prompt(system_prompt, system_prompt_file)

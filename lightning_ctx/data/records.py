@@ -11,23 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from lightning_ctx.errors import DataError
+from lightning_ctx.textfiles import read_json_lines
+
 REQUIRED_FIELDS = ("id", "context", "prompt", "answer")
-
-
-class DataError(ValueError):
-    """A problem with user data; the message names file, line and field."""
-
-    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
-                 field: str | None = None):
-        where = []
-        if path is not None:
-            where.append(str(path))
-        if line is not None:
-            where.append(f"line {line}")
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{': '.join([', '.join(where)] if where else [])}{': ' if where else ''}{message}")
-        self.path, self.line, self.field = path, line, field
 
 
 @dataclass(frozen=True)
@@ -54,8 +41,8 @@ class TaskRecord:
                 continue  # integer ids are common in exported datasets; stored as str
             if not isinstance(value, str):
                 raise DataError(f"must be a string, got {type(value).__name__}", path=path, line=line, field=name)
-        for name in ("prompt", "answer"):
-            if not obj[name].strip():
+        for name in ("id", "prompt", "answer"):
+            if not str(obj[name]).strip():
                 raise DataError("must not be empty", path=path, line=line, field=name)
         meta = {k: v for k, v in obj.items() if k not in REQUIRED_FIELDS}
         return cls(id=str(obj["id"]), context=obj["context"], prompt=obj["prompt"], answer=obj["answer"], meta=meta)
@@ -69,25 +56,15 @@ class TaskRecord:
 
 def load_jsonl(path: str | Path) -> list[TaskRecord]:
     """Read and validate a JSONL task file (invalid JSON, fields, empty file, duplicate ids)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file does not exist", path=path)
     records: list[TaskRecord] = []
     first_line_of: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are harmless
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno) from None
-            record = TaskRecord.from_dict(obj, path=path, line=lineno)
-            if record.id in first_line_of:
-                raise DataError(f"duplicate id {record.id!r} (first seen on line {first_line_of[record.id]})",
-                                path=path, line=lineno, field="id")
-            first_line_of[record.id] = lineno
-            records.append(record)
+    for lineno, obj in read_json_lines(path):
+        record = TaskRecord.from_dict(obj, path=path, line=lineno)
+        if record.id in first_line_of:
+            raise DataError(f"duplicate id {record.id!r} (first seen on line {first_line_of[record.id]})",
+                            path=path, line=lineno, field="id")
+        first_line_of[record.id] = lineno
+        records.append(record)
     if not records:
         raise DataError("file is empty: no records", path=path)
     return records
