@@ -57,6 +57,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_ctx.knobs import above, at_least, check_class_args, existing_file, within
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.data.render import join_prompt_and_response, left_pad, response_logits
 from lightning_ctx.models.loading import eval_mode
@@ -312,6 +313,13 @@ class ContextRemovabilityCallback(Callback):
         progress: a progress bar (rank 0) and a one-line summary after each evaluation.
     """
 
+    KNOB_CHECKS = (
+        at_least("every_n_steps", 0), at_least("max_items", 1), at_least("batch_size", 1),
+        at_least("max_new_tokens", 1), at_least("num_samples", 0),
+        above("temperature", 0, when=lambda a: a["num_samples"] > 0, hint="sampled evaluation needs it"),
+        within("top_p", 0, 1, low_open=True), existing_file("retention_file"), at_least("max_retention_items", 1),
+    )
+
     def __init__(
         self,
         every_n_steps: Optional[int] = 50,
@@ -336,17 +344,8 @@ class ContextRemovabilityCallback(Callback):
         test_prefix: str = "test/",
         progress: bool = True,
     ):
+        check_class_args(ContextRemovabilityCallback, locals(), "trainer.callbacks.")
         super().__init__()
-        if every_n_steps is not None and every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0 or None, got {every_n_steps}")
-        if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        if num_samples and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        for name, value in (("max_items", max_items), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
-                            ("max_retention_items", max_retention_items)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.every_n_steps = every_n_steps
         self.eval_at_start = eval_at_start
         self.eval_at_end = eval_at_end

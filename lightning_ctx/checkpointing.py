@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_ctx.knobs import at_least, check_class_args
+
 MLFLOW_RUN_KEY = "mlflow_run_id"
 RNG_KEY = "rng_states"
 
@@ -52,8 +54,11 @@ class RunCheckpoint(ModelCheckpoint):
     so ``--ckpt_path last`` finds the file without knowing the MLflow run id).
     """
 
+    KNOB_CHECKS = (at_least("every_n_train_steps", 0), at_least("save_top_k", -1))
+
     def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 50, save_last: bool = True,
                  save_top_k: int = 1, filename: str = "step{step:06d}", **kwargs):
+        check_class_args(RunCheckpoint, locals(), "checkpoint.")
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_last=save_last,
                          save_top_k=save_top_k, filename=filename, auto_insert_metric_name=False, **kwargs)
 

@@ -22,13 +22,14 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lightning_ctx import objectives
+from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, RNG_KEY, capture_rng_states, restore_rng_states
 from lightning_ctx.data.datamodule import ContextPairBatch
 from lightning_ctx.data.render import join_prompt_and_response, response_logits
-from lightning_ctx.models.loading import (BaseWeightsTeacher, ModelError, apply_lora, check_teacher_compatible,
+from lightning_ctx.models.loading import (DTYPES, BaseWeightsTeacher, ModelError, apply_lora, check_teacher_compatible,
                                           freeze, frozen_copy, load_causal_lm, load_quantized_teacher,
                                           load_tokenizer, output_vocab_size)
-from lightning_ctx.rollout import Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
+from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 
 
 TEACHER_BASE = "base"  # model.teacher: the LoRA student's base weights with the adapter disabled
@@ -88,6 +89,21 @@ class OnPolicyDistillation(pl.LightningModule):
         on_nonfinite: ``raise`` (save a checkpoint, then stop with the step and term) or ``skip`` the step.
     """
 
+    KNOB_CHECKS = (
+        non_empty("student"),
+        at_least("anchor_weight", 0), at_least("retain_weight", 0), within("jsd_beta", 0, 1),
+        one_of("divergence", ("reverse_kl", "forward_kl", "jsd", "sampled")), one_of("scope", ("full", "topk")),
+        at_least("topk", 1), at_least("chunk_size", 1), at_least("auto_chunk_mib", 1),
+        one_of("anchor_direction", ("forward", "reverse", "symmetric")),
+        at_least("max_new_tokens", 1),
+        above("temperature", 0, when=lambda a: not a["greedy_rollout"], hint="or set model.greedy_rollout: true"),
+        within("top_p", 0, 1, low_open=True), at_least("top_k", 0), one_of("rollout_engine", sorted(ENGINES)),
+        one_of("optimizer", ("adamw", "adamw8bit")), above("lr", 0), at_least("weight_decay", 0),
+        at_least("warmup_steps", 0), one_of("lr_schedule", ("constant", "cosine")), within("min_lr_ratio", 0, 1),
+        one_of("dtype", sorted(DTYPES)), one_of("teacher_dtype", sorted(DTYPES)),
+        one_of("teacher_quantization", ("4bit", "8bit")), one_of("on_nonfinite", ("raise", "skip")),
+    )
+
     def __init__(
         self,
         student: str = "builtin:world",
@@ -125,19 +141,8 @@ class OnPolicyDistillation(pl.LightningModule):
         local_files_only: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
     ):
+        check_class_args(OnPolicyDistillation, locals(), "model.")
         super().__init__()
-        if anchor_weight < 0 or retain_weight < 0:
-            raise ValueError("anchor_weight and retain_weight must be >= 0")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be raise or skip, got {on_nonfinite!r}")
-        if optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"optimizer must be adamw or adamw8bit, got {optimizer!r}")
-        if teacher_quantization not in (None, "4bit", "8bit"):
-            raise ModelError(f"unknown teacher_quantization {teacher_quantization!r}; choose 4bit or 8bit")
-        if auto_chunk_mib < 1:
-            raise ValueError(f"auto_chunk_mib must be >= 1, got {auto_chunk_mib}")
         self.save_hyperparameters()
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                          top_k=top_k, greedy=greedy_rollout)
@@ -188,7 +193,12 @@ class OnPolicyDistillation(pl.LightningModule):
 
     # -- checks ---------------------------------------------------------------------------------
     def check_data(self, datamodule) -> None:
-        """Every prompt (with context) plus ``max_new_tokens`` must fit the model's positions."""
+        """Every prompt (with context) plus ``max_new_tokens`` must fit the model's positions, and the
+        retention term needs other contexts to retain (else it would silently be plain OPD)."""
+        if self.hparams.retain_weight > 0 and not getattr(datamodule, "retain_contexts", None):
+            raise ConfigError(f"is {self.hparams.retain_weight}, but there are no other contexts to retain: set "
+                              "data.retain_contexts (data.retain_others: true on the world), or model.retain_weight: 0",
+                              field="model.retain_weight")
         limit = getattr(self.student.config, "max_position_embeddings", None)
         if limit is None:
             return

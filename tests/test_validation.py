@@ -164,3 +164,147 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train/skipped_steps"] >= 1
+
+
+# ------------------------------------------------------------------ knobs: checked before any model loads
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """A knob error must stop the run before a model is loaded: loading now fails loudly."""
+    import lightning_ctx.module as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the knobs were checked")
+    monkeypatch.setattr(module, "load_tokenizer", refuse)
+    monkeypatch.setattr(module, "load_causal_lm", refuse)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model.anchor_weight", "-1"], ["field 'model.anchor_weight'", "must be >= 0", "-1"]),
+    (["--model.retain_weight", "-0.5"], ["field 'model.retain_weight'", ">= 0"]),
+    (["--model.jsd_beta", "1.5"], ["field 'model.jsd_beta'", "[0, 1]"]),
+    (["--model.scope", "topk", "--model.topk", "0"], ["field 'model.topk'", ">= 1"]),
+    (["--model.chunk_size", "0"], ["field 'model.chunk_size'", ">= 1"]),
+    (["--model.max_new_tokens", "0"], ["field 'model.max_new_tokens'", ">= 1"]),
+    (["--model.temperature", "0"], ["field 'model.temperature'", "> 0", "greedy_rollout"]),
+    (["--model.temperature", "-1", "--model.greedy_rollout", "false"], ["field 'model.temperature'"]),
+    (["--model.top_p", "0"], ["field 'model.top_p'", "(0, 1]"]),
+    (["--model.top_p", "1.01"], ["field 'model.top_p'"]),
+    (["--model.top_k", "-3"], ["field 'model.top_k'", ">= 0"]),
+    (["--model.lr", "0"], ["field 'model.lr'", "> 0"]),
+    (["--model.weight_decay", "-0.1"], ["field 'model.weight_decay'"]),
+    (["--model.warmup_steps", "-5"], ["field 'model.warmup_steps'"]),
+    (["--model.min_lr_ratio", "2"], ["field 'model.min_lr_ratio'"]),
+    (["--model.rollout_engine", "vllm"], ["field 'model.rollout_engine'", "hf_static", "'vllm'"]),
+    (["--model.dtype", "float8"], ["field 'model.dtype'", "bfloat16"]),
+    (["--model.student", " "], ["field 'model.student'", "non-empty"]),
+    (["--data.batch_size", "0"], ["field 'data.batch_size'", ">= 1"]),
+    (["--data.eval_batch_size", "-2"], ["field 'data.eval_batch_size'"]),
+    (["--data.max_prompt_length", "0"], ["field 'data.max_prompt_length'"]),
+    (["--data.max_eval_items", "0"], ["field 'data.max_eval_items'"]),
+    (["--data.num_workers", "-1"], ["field 'data.num_workers'"]),
+    (["--data.verifier", "exactly"], ["field 'data.verifier'", "choice"]),
+    (["--data.template", "chatml"], ["field 'data.template'", "plain"]),
+    (["--trainer.max_steps", "0"], ["field 'trainer.max_steps'", "-1"]),
+    (["--trainer.accumulate_grad_batches", "0"], ["field 'trainer.accumulate_grad_batches'"]),
+    (["--trainer.gradient_clip_val", "-1"], ["field 'trainer.gradient_clip_val'"]),
+    (["--checkpoint.every_n_train_steps", "-1"], ["field 'checkpoint.every_n_train_steps'"]),
+])
+def test_knob_out_of_range_from_command_line(tiny_dirs, jsonl_file, mlflow_uri, capsys, no_model_loading,
+                                             args, needles):
+    path = jsonl_file([GOOD])
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, *args), "command line", *needles)
+
+
+def test_knob_out_of_range_in_config_file_names_file_and_line(tiny_dirs, jsonl_file, mlflow_uri, capsys,
+                                                            no_model_loading, tmp_path):
+    path = jsonl_file([GOOD])
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  anchor_weight: 0.5\n  max_new_tokens: 4\n  lr: -1.0e-4\n")
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--config", str(cfg)),
+                       f"{cfg}, line 4, field 'model.lr'", "must be > 0")
+    # nested: a data subclass's init_args and a callback's init_args in the shipped world config style
+    world = tmp_path / "world.yaml"
+    world.write_text("data:\n  class_path: lightning_ctx.data.datamodule.WorldDataModule\n  init_args:\n"
+                     "    target_context: SHOW\n    batch_size: 64\n    n_train: 0\n")
+    _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(world)]),
+                       f"{world}, line 6, field 'data.n_train'", ">= 1")
+    cb = tmp_path / "cb.yaml"
+    cb.write_text("trainer:\n  max_steps: 2\n  callbacks:\n"
+                  "    - class_path: lightning_ctx.callbacks.ContextRemovabilityCallback\n"
+                  "      init_args:\n        every_n_steps: 10\n        num_samples: 2\n        temperature: 0.0\n")
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--config", str(cb)),
+                       f"{cb}, line 8, field 'trainer.callbacks.temperature'", "> 0")
+
+
+def test_knob_checks_accept_what_is_valid():
+    from lightning_ctx.callbacks import ContextRemovabilityCallback
+    from lightning_ctx.knobs import ConfigError, check_class_args
+
+    check_class_args(OnPolicyDistillation, {"temperature": 0.0, "greedy_rollout": True}, "model.")
+    check_class_args(OnPolicyDistillation, {"scope": "full", "top_p": 1.0, "chunk_size": None}, "model.")
+    check_class_args(ContextRemovabilityCallback, {"num_samples": 0, "temperature": 0.0}, "cb.")
+    with pytest.raises(ConfigError, match="model.greedy_rollout"):
+        check_class_args(OnPolicyDistillation, {"temperature": 0.0}, "model.")
+    with pytest.raises(ConfigError, match="model.lr"):  # NaN compares false to everything: refused explicitly
+        check_class_args(OnPolicyDistillation, {"lr": float("nan")}, "model.")
+    with pytest.raises(ConfigError, match="anchor_weight"):  # a bool is not a number here
+        check_class_args(OnPolicyDistillation, {"anchor_weight": True}, "model.")
+    with pytest.raises(ConfigError, match="anchor_weight"):  # Python users get the same check
+        OnPolicyDistillation(student="builtin:world", anchor_weight=-1)
+
+
+def test_retain_weight_without_retain_contexts_is_a_config_error(tiny_dirs, jsonl_file, mlflow_uri, capsys):
+    path = jsonl_file([GOOD])
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--model.retain_weight", "0.5"),
+                       "field 'model.retain_weight'", "no other contexts to retain")
+
+
+# ------------------------------------------------------------------------------- files a user hands us
+
+
+def test_bad_files(tiny_dirs, jsonl_file, mlflow_uri, capsys, tmp_path):
+    folder = tmp_path / "a_folder.jsonl"
+    folder.mkdir()
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], str(folder)),
+                       "field 'data.train_file'", "is a folder")
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], str(tmp_path / "missing.jsonl")),
+                       "field 'data.train_file'", "does not exist")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes((GOOD + "\n").encode() + '{"id": "b", "context": "caf\xe9", "prompt": "1", "answer": "1"}\n'
+                       .encode("latin-1"))
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], str(latin1)),
+                       str(latin1), "line 2", "not valid UTF-8", "0xe9", "column 28")
+    for lines, needles in [([GOOD, "[1, 2]"], ["line 2", "expected a JSON object"]),
+                           ([GOOD, '"just a string"'], ["line 2", "expected a JSON object"]),
+                           ([GOOD, json.dumps({"id": " ", "context": "c", "prompt": "1", "answer": "1"})],
+                            ["line 2", "field 'id'", "must not be empty"]),
+                           ([GOOD, json.dumps({"id": "b", "context": "c", "prompt": "1", "answer": ""})],
+                            ["line 2", "field 'answer'", "must not be empty"]),
+                           ([GOOD, json.dumps({"id": "b", "context": None, "prompt": "1", "answer": "1"})],
+                            ["line 2", "field 'context'", "string"])]:
+        path = jsonl_file(lines, name=f"bad{len(needles)}{abs(hash(lines[1])) % 1000}.jsonl")
+        _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path), path, *needles)
+
+
+def test_jsonl_reader_takes_bom_crlf_and_line_separators_inside_strings(tmp_path):
+    from lightning_ctx.data.records import load_jsonl
+
+    path = tmp_path / "windows.jsonl"
+    second = json.dumps({"id": "b", "context": "x\u2028y", "prompt": "1", "answer": "1"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\r\n" + second + "\r\n").encode("utf-8"))
+    records = load_jsonl(path)
+    assert [r.id for r in records] == ["a", "b"] and records[1].context == "x\u2028y"
+
+
+def test_mcqa_system_prompt_file_must_be_utf8_text(tmp_path):
+    from lightning_ctx.data.mcqa import read_system_prompt
+    from lightning_ctx.errors import DataError
+
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"You are a doctor.\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"prompt.txt, line 2, field 'system_prompt_file': not valid UTF-8"):
+        read_system_prompt(system_prompt_file=bad)
+    with pytest.raises(DataError, match="is a folder"):
+        read_system_prompt(system_prompt_file=tmp_path)

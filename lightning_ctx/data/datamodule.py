@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.data.render import PromptRenderer, left_pad
-from lightning_ctx.data.verifiers import answer_parser, build_verifier
+from lightning_ctx.data.verifiers import VERIFIER_NAMES, answer_parser, build_verifier
+from lightning_ctx.knobs import at_least, check_class_args, existing_file, one_of
 
 
 @dataclass
@@ -131,12 +132,20 @@ class ContextPairDataModule(pl.LightningDataModule):
         max_eval_items: cap on val/test items (None = all).
     """
 
+    KNOB_CHECKS = (
+        existing_file("train_file"), existing_file("val_file"), existing_file("test_file"),
+        at_least("batch_size", 1), at_least("eval_batch_size", 1), at_least("max_prompt_length", 1),
+        one_of("template", ("auto", "chat", "plain")), one_of("verifier", VERIFIER_NAMES),
+        at_least("max_eval_items", 1), at_least("num_workers", 0),
+    )
+
     def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
                  test_file: Optional[str] = None, tokenizer: Optional[str] = None, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024, template: str = "auto",
                  verifier: str = "exact", verifier_kwargs: Optional[dict[str, Any]] = None,
                  retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
                  num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        check_class_args(ContextPairDataModule, locals(), "data.")
         super().__init__()
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.tokenizer_path = tokenizer
@@ -271,6 +280,9 @@ class WorldDataModule(ContextPairDataModule):
         Other arguments as in ``ContextPairDataModule``; ``verifier`` is always ``world``.
     """
 
+    KNOB_CHECKS = (at_least("n_train", 1), at_least("n_val", 0), at_least("n_test", 0),
+                   at_least("retention_contexts", 1), at_least("retention_items", 1))
+
     def __init__(self, target_context: str = "SHOW", n_train: int = 800, n_val: int = 100, n_test: int = 100,
                  data_seed: int = 0, retain_others: bool = False, retention_contexts: int = 8,
                  retention_items: int = 25, tokenizer: Optional[str] = None, batch_size: int = 64,
@@ -278,6 +290,7 @@ class WorldDataModule(ContextPairDataModule):
                  max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
         from lightning_ctx.data import world
 
+        check_class_args(WorldDataModule, locals(), "data.")
         target = world.normalize_context(target_context)
         if target not in world.ALL_CONTEXTS:
             raise DataError(f"unknown world context {target_context!r}; examples: {world.ALL_CONTEXTS[:6]}",

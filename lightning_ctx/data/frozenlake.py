@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
+from lightning_ctx.knobs import at_least, check_class_args, within
 
 __all__ = ["TILES", "MOVES", "DEFAULT_HINT", "FrozenLakeVerifier", "frozenlake_verifier", "parse_map", "format_map",
            "parse_moves", "simulate", "shortest_path", "random_map", "render_prompt", "make_frozenlake_records",
@@ -319,19 +320,19 @@ class FrozenLakeDataModule(ContextPairDataModule):
     with ``data.verifier: frozenlake``.
     """
 
+    KNOB_CHECKS = (at_least("n_train", 1), at_least("n_val", 0), at_least("n_test", 0), at_least("size", 2),
+                   within("hole_prob", 0, 1, high_open=True))
+
     def __init__(self, n_train: int = 1000, n_val: int = 100, n_test: int = 0, size: int = 4, hole_prob: float = 0.2,
                  data_seed: int = 0, context: str = DEFAULT_HINT, strict: bool = False,
                  tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
                  max_prompt_length: int = 1024, template: str = "auto", max_eval_items: Optional[int] = None,
                  num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+        check_class_args(FrozenLakeDataModule, locals(), "data.")
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          max_prompt_length=max_prompt_length, template=template, verifier="frozenlake",
                          verifier_kwargs={"strict": True} if strict else None, max_eval_items=max_eval_items,
                          num_workers=num_workers, shuffle=shuffle, seed=seed)
-        if size < 2:
-            raise DataError(f"must be >= 2, got {size}", field="data.size")
-        if not 0.0 <= hole_prob < 1.0:
-            raise DataError(f"must be in [0, 1), got {hole_prob}", field="data.hole_prob")
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.size, self.hole_prob, self.data_seed, self.context = size, hole_prob, data_seed, context
 

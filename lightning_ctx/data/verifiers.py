@@ -88,6 +88,9 @@ def _exact_parse(answer: str) -> str | None:
     return normalize_whitespace(answer) or None
 
 
+VERIFIER_NAMES = ("exact", "regex", "choice", "world", "frozenlake")
+
+
 def build_verifier(name: str, **kwargs) -> Verifier:
     """``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` (tasks register theirs lazily)."""
     if name == "exact":

@@ -14,25 +14,22 @@ from typing import Optional
 
 import torch
 
+from lightning_ctx.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 
-
-class ModelError(ValueError):
-    """A user-fixable problem with a model or tokenizer (path, vocab, pad token)."""
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    if name not in _DTYPES:
-        raise ModelError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_model_path(name: str, local_files_only: bool = True) -> str:
@@ -132,9 +129,52 @@ def load_quantized_teacher(name: str, quantization: str, dtype: str | torch.dtyp
     device_map = None
     if torch.cuda.is_available():
         device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    elif quantization == "4bit" and cpu_4bit_repacks():
+        check_cpu_4bit_shapes(name, trust_remote_code, local_files_only)
     model = load_causal_lm(name, dtype, trust_remote_code, local_files_only, quantization=quantization,
                            device_map=device_map)
     return freeze(model)
+
+
+# bitsandbytes' AVX-512-BF16 CPU kernel repacks each 4-bit weight [out, in] in blocks of 32 output rows
+# and reshapes its scales per 64 inputs (the quantization block): other shapes crash in the first forward.
+CPU_4BIT_OUT_MULTIPLE, CPU_4BIT_IN_MULTIPLE = 32, 64
+
+
+def cpu_4bit_repacks() -> bool:
+    """Whether bitsandbytes will repack 4-bit weights for its AVX-512-BF16 CPU kernel on this machine."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def cpu_4bit_unfit_layer(model) -> Optional[tuple[str, tuple[int, int]]]:
+    """The first linear layer that 4-bit quantization would convert but the CPU kernel cannot take."""
+    output_embeddings = model.get_output_embeddings()  # transformers keeps the LM head unquantized
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output_embeddings:
+            if module.out_features % CPU_4BIT_OUT_MULTIPLE or module.in_features % CPU_4BIT_IN_MULTIPLE:
+                return name, (module.out_features, module.in_features)
+    return None
+
+
+def check_cpu_4bit_shapes(name: str, trust_remote_code: bool = False, local_files_only: bool = True) -> None:
+    """Fail before loading when a layer of ``name`` cannot run in bitsandbytes' 4-bit CPU kernel."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(name, local_files_only)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    with torch.device("meta"):  # the layer shapes only: no memory, no weights read
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    unfit = cpu_4bit_unfit_layer(skeleton)
+    if unfit is not None:
+        layer, (out_features, in_features) = unfit
+        raise ModelError(f"{name}: layer {layer!r} has shape [out={out_features}, in={in_features}], which "
+                         f"bitsandbytes' 4-bit CPU kernel on this processor cannot run (it needs out divisible by "
+                         f"{CPU_4BIT_OUT_MULTIPLE} and in by {CPU_4BIT_IN_MULTIPLE}); use "
+                         "model.teacher_quantization: 8bit, no quantization, or a GPU")
 
 
 class _OnceFilter(logging.Filter):

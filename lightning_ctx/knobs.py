@@ -1,0 +1,100 @@
+"""Knob ranges, declared once beside each class and checked before anything is loaded.
+
+Each configurable class lists its constraints as ``KNOB_CHECKS`` (a tuple of :class:`Check`). Its
+``__init__`` calls :func:`check_args` first thing (so Python users get the same errors), and the CLI
+calls :func:`check_class_args` on the parsed config *before* any class is instantiated, so a bad knob
+costs no model load and leaves no MLflow run behind. A failure is one :class:`ConfigError` naming the
+knob (``model.anchor_weight``), what it must be, and the value given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from lightning_ctx.errors import ConfigError
+from lightning_ctx.textfiles import file_problem
+
+
+@dataclass(frozen=True)
+class Check:
+    """One constraint on argument ``name``; ``None`` passes unless ``required``."""
+
+    name: str
+    ok: Callable[[Any], bool]
+    expect: str
+    when: Optional[Callable[[Mapping[str, Any]], bool]] = None  # applies only if this holds for the args
+    required: bool = False
+    hint: str = ""  # what else would make the value acceptable
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def at_least(name: str, low: float, **kw) -> Check:
+    return Check(name, lambda v: _number(v) and v >= low, f"must be >= {low}", **kw)
+
+
+def above(name: str, low: float, **kw) -> Check:
+    return Check(name, lambda v: _number(v) and v > low, f"must be > {low}", **kw)
+
+
+def within(name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False, **kw) -> Check:
+    def ok(v):
+        return (_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return Check(name, ok, f"must be in {interval}", **kw)
+
+
+def one_of(name: str, choices: Iterable[str], **kw) -> Check:
+    choices = tuple(choices)
+    return Check(name, lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}", **kw)
+
+
+def non_empty(name: str, **kw) -> Check:
+    return Check(name, lambda v: isinstance(v, str) and bool(v.strip()), "must be a non-empty string",
+                 required=True, **kw)
+
+
+def existing_file(name: str, **kw) -> Check:
+    """A path that exists, is a regular file and can be opened (the message says which one failed)."""
+    return Check(name, lambda v: file_problem(v) is None, "", **kw)
+
+
+def check_args(checks: Iterable[Check], args: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first argument in ``args`` that breaks its check."""
+    for check in checks:
+        if check.name not in args:
+            continue
+        value = args[check.name]
+        if value is None and not check.required:
+            continue
+        if check.when is not None and not check.when(args):
+            continue
+        if not check.ok(value):
+            problem = check.expect or file_problem(value)
+            hint = f" ({check.hint})" if check.hint else ""
+            raise ConfigError(f"{problem}{hint}, got {value!r}", field=f"{prefix}{check.name}")
+
+
+def class_checks(cls: type) -> tuple[Check, ...]:
+    """``KNOB_CHECKS`` of ``cls`` and its bases (a subclass adds to, never loses, its base's checks)."""
+    out: list[Check] = []
+    for klass in reversed(cls.__mro__):
+        out.extend(vars(klass).get("KNOB_CHECKS", ()))
+    return tuple(out)
+
+
+def bound_args(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` completed with ``cls.__init__``'s defaults, so conditional checks see every argument."""
+    args = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    args.update(given)
+    return args
+
+
+def check_class_args(cls: type, given: Mapping[str, Any], prefix: str) -> None:
+    check_args(class_checks(cls), bound_args(cls, given), prefix)
