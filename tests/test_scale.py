@@ -75,11 +75,19 @@ def test_lora_teacher_defaults_to_base_and_base_needs_lora(tiny_dirs):
 # ------------------------------------------------------------------------------ bitsandbytes (CPU)
 
 
+@pytest.fixture(scope="module")
+def real_shaped_dir(tmp_path_factory):
+    """Layer shapes as in real models (multiples of 64), which every bitsandbytes CPU kernel takes."""
+    from lightning_ctx.models.tiny import save_tiny_checkpoint
+
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("w64") / "qwen2", "qwen2", width=64, seed=1))
+
+
 @pytest.mark.parametrize("kind,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
-def test_quantized_teacher_on_cpu(tiny_dirs, kind, layer):
+def test_quantized_teacher_on_cpu(real_shaped_dir, kind, layer):
     pytest.importorskip("bitsandbytes")
-    full = OnPolicyDistillation(student=tiny_dirs["qwen2"])
-    module = OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher=tiny_dirs["qwen2"], teacher_quantization=kind)
+    full = OnPolicyDistillation(student=real_shaped_dir)
+    module = OnPolicyDistillation(student=real_shaped_dir, teacher=real_shaped_dir, teacher_quantization=kind)
     q_proj = module.teacher.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer and q_proj.weight.element_size() == 1
     assert not any(p.requires_grad for p in module.teacher.parameters())
@@ -97,8 +105,37 @@ def test_quantized_teacher_on_cpu(tiny_dirs, kind, layer):
     terms["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
     # the initial student re-loaded quantized as the self-distillation teacher
-    selfq = OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher_quantization=kind)
+    selfq = OnPolicyDistillation(student=real_shaped_dir, teacher_quantization=kind)
     assert type(selfq.teacher.model.layers[0].self_attn.q_proj).__name__ == layer
+
+
+def test_4bit_teacher_with_shapes_the_cpu_kernel_cannot_take_fails_at_load(tiny_dirs, real_shaped_dir, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from lightning_ctx.models import loading
+
+    # as on an AVX-512-BF16 processor, whatever this one is
+    monkeypatch.setattr(loading, "cpu_4bit_repacks", lambda: True)
+    with pytest.raises(ModelError, match=r"layer 'model.layers.0.self_attn.q_proj' has shape \[out=32, in=32\].*8bit"):
+        OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher_quantization="4bit")
+    loading.check_cpu_4bit_shapes(real_shaped_dir)  # real-model shapes pass
+    OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher_quantization="8bit")  # 8-bit has no such limit
+
+
+def test_cpu_4bit_unfit_layer_rules():
+    from lightning_ctx.models.loading import cpu_4bit_unfit_layer
+
+    class Net(torch.nn.Module):
+        def __init__(self, shapes):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(k, n) for n, k in shapes)
+            self.head = torch.nn.Linear(64, 7)  # the LM head is never quantized
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert cpu_4bit_unfit_layer(Net([(64, 64), (32, 128), (96, 192)])) is None
+    assert cpu_4bit_unfit_layer(Net([(64, 64), (48, 64)])) == ("layers.1", (48, 64))  # out not a multiple of 32
+    assert cpu_4bit_unfit_layer(Net([(64, 96)])) == ("layers.0", (64, 96))  # in not a multiple of 64
 
 
 def test_adamw8bit_step_matches_adamw_direction(tmp_path):
