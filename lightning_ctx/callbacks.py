@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import inspect
 import json
 import math
 import shutil
@@ -58,9 +57,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ctx.knobs import above, at_least, check_class_args, existing_file, within
+from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
-from lightning_ctx.data.render import join_prompt_and_response, left_pad, response_logits
-from lightning_ctx.models.loading import eval_mode
+from lightning_ctx.data.render import left_pad
+from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response, response_logits
 from lightning_ctx.metrics import REMOVABILITY_KEYS, ContextRemovability, RemovabilityMetrics, Retention
 from lightning_ctx.objectives import per_token_divergence
 from lightning_ctx.rollout import Rollout, SamplingSettings, sample_responses
@@ -407,17 +407,13 @@ class ContextRemovabilityCallback(Callback):
     @staticmethod
     def _datamodule(trainer):
         dm = getattr(trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "records"):
-            raise DataError("ContextRemovabilityCallback needs a data module with records(split) (e.g. "
-                            "ContextPairDataModule): pass one as `data`")
+        if not isinstance(dm, ContextPairDataModule):
+            raise DataError("ContextRemovabilityCallback needs a ContextPairDataModule (or a subclass) as `data`")
         return dm
 
     @staticmethod
     def _ensure_ready(dm, pl_module) -> None:
-        if getattr(dm, "tokenizer", None) is None and hasattr(dm, "set_tokenizer"):
-            dm.set_tokenizer(pl_module.tokenizer)
-        if getattr(dm, "renderer", None) is None and hasattr(dm, "validate"):
-            dm.validate()
+        dm.connect(pl_module.tokenizer)
 
     def eval_records(self, dm, split: str) -> list[TaskRecord]:
         records = [_as_record(r, f"{split} split") for r in dm.records(split)]
@@ -433,12 +429,7 @@ class ContextRemovabilityCallback(Callback):
         if self.retention_file:
             records = load_jsonl(self.retention_file)
         else:
-            fn = getattr(dm, "retention_records", None)
-            if callable(fn):
-                params = [p for p in inspect.signature(fn).parameters.values()
-                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                raw = fn(split) if params else fn()
-                records = [_as_record(r) for r in raw] if raw else None
+            records = [_as_record(r) for r in dm.retention_records(split)] or None
         if records is not None and self.max_retention_items is not None:
             records = records[: self.max_retention_items]
         self._retention_cache[split] = records or None

@@ -238,9 +238,7 @@ class ContextCLI(LightningCLI):
                 check_tracking_reachable(uri)
         if dm is None:
             return
-        if getattr(dm, "tokenizer", None) is None:
-            dm.set_tokenizer(model.tokenizer)
-        dm.validate()
+        dm.connect(model.tokenizer)
         model.check_data(dm)
 
     def _resume_tracking(self) -> None:

@@ -24,8 +24,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning_ctx import objectives
 from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, RNG_KEY, capture_rng_states, restore_rng_states
-from lightning_ctx.data.datamodule import ContextPairBatch
-from lightning_ctx.data.render import join_prompt_and_response, response_logits
+from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
+from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
 from lightning_ctx.models.loading import (DTYPES, BaseWeightsTeacher, ModelError, apply_lora, check_teacher_compatible,
                                           freeze, frozen_copy, load_causal_lm, load_quantized_teacher,
                                           load_tokenizer, output_vocab_size)
@@ -195,7 +195,7 @@ class OnPolicyDistillation(pl.LightningModule):
     def check_data(self, datamodule) -> None:
         """Every prompt (with context) plus ``max_new_tokens`` must fit the model's positions, and the
         retention term needs other contexts to retain (else it would silently be plain OPD)."""
-        if self.hparams.retain_weight > 0 and not getattr(datamodule, "retain_contexts", None):
+        if self.hparams.retain_weight > 0 and not datamodule.retain_contexts:
             raise ConfigError(f"is {self.hparams.retain_weight}, but there are no other contexts to retain: set "
                               "data.retain_contexts (data.retain_others: true on the world), or model.retain_weight: 0",
                               field="model.retain_weight")
@@ -210,9 +210,8 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "longest_prompt"):
-            if getattr(dm, "tokenizer", None) is None:
-                dm.set_tokenizer(self.tokenizer)
+        if isinstance(dm, ContextPairDataModule):
+            dm.connect(self.tokenizer)
             self.check_data(dm)
 
     # -- the step -------------------------------------------------------------------------------
@@ -432,10 +431,9 @@ class OnPolicyDistillation(pl.LightningModule):
     def warmup_rollout(self) -> Optional[float]:
         """One dummy decode of the training shape (batch size, longest prompt) before the timed steps."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        batch_size = getattr(dm, "batch_size", None)
-        if not batch_size or not hasattr(dm, "longest_prompt"):
+        if not isinstance(dm, ContextPairDataModule):
             return None
-        seconds = self.engine.warmup(self.student, batch_size, dm.longest_prompt(), self.sampling,
+        seconds = self.engine.warmup(self.student, dm.batch_size, dm.longest_prompt(), self.sampling,
                                      self.eos_token_ids, self.pad_token_id)
         for logger in self.loggers:
             logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)

@@ -53,6 +53,8 @@ from typing import Iterable, Optional, Protocol
 
 import torch
 
+from lightning_ctx.models.scoring import eval_mode
+
 
 @dataclass
 class SamplingSettings:
@@ -305,8 +307,6 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 def _eval_mode(model):
     if not isinstance(model, torch.nn.Module):  # e.g. BaseWeightsTeacher: scores in eval mode by itself
         return contextlib.nullcontext()
-    from lightning_ctx.models.loading import eval_mode
-
     return eval_mode(model)
 
 

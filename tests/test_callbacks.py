@@ -28,7 +28,7 @@ def module(tiny_dirs):
 
 def make_dm(module, jsonl_file, records, name="val.jsonl"):
     dm = ContextPairDataModule(val_file=jsonl_file(records, name), verifier="exact")
-    dm.set_tokenizer(module.tokenizer)
+    dm.connect(module.tokenizer)
     dm.validate()
     return dm
 

@@ -3,8 +3,8 @@ import torch
 
 from lightning_ctx.data.datamodule import PairCollator
 from lightning_ctx.data.records import DataError, TaskRecord
-from lightning_ctx.data.render import (PromptRenderer, join_prompt_and_response, left_pad, position_ids_from_mask,
-                                       response_logits)
+from lightning_ctx.data.render import PromptRenderer, left_pad
+from lightning_ctx.models.scoring import join_prompt_and_response, position_ids_from_mask, response_logits
 from lightning_ctx.models.loading import load_causal_lm, load_tokenizer
 
 

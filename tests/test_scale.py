@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lightning_ctx import objectives
-from lightning_ctx.data.render import join_prompt_and_response, left_pad, response_logits
+from lightning_ctx.data.render import left_pad
+from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
 from lightning_ctx.models.loading import BaseWeightsTeacher, ModelError, load_causal_lm
 from lightning_ctx.module import OnPolicyDistillation, auto_chunk_size
 from lightning_ctx.rollout import SamplingSettings, build_engine, sample_responses

@@ -166,11 +166,16 @@ class ContextPairDataModule(pl.LightningDataModule):
         self._validated = False
 
     # -- loading ---------------------------------------------------------------------------------
-    def set_tokenizer(self, tokenizer) -> None:
-        """Use an already-loaded tokenizer (the module's), instead of loading ``tokenizer`` by path."""
-        self.tokenizer = tokenizer
-        self.renderer = None
-        self._validated = False
+    # -- the contract with the module, the evaluator and the CLI (docs/design.md, "Data") ---------------
+    def connect(self, tokenizer) -> None:
+        """Render with ``tokenizer`` (the student's) and check every split, before anything trains.
+
+        The one call the module, the evaluation callback and the CLI make; calling it again with the same
+        tokenizer is free. Standalone (no module), ``validate()`` loads ``data.tokenizer`` by path instead.
+        """
+        if tokenizer is not self.tokenizer:
+            self.tokenizer, self.renderer, self._validated = tokenizer, None, False
+        self.validate()
 
     def load_split_records(self, split: str) -> list[TaskRecord] | None:
         """Records of one split; subclasses (e.g. generated tasks) override this."""
@@ -263,8 +268,13 @@ class ContextPairDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
     def records(self, split: str) -> list[TaskRecord]:
+        """The checked records of ``split`` (``train``, ``val``, ``test``); empty when not configured."""
         self.validate()
         return self.splits.get(split, [])
+
+    def retention_records(self, split: str = "val") -> list[TaskRecord]:
+        """Items under *other* contexts for the ``retention`` metric; none unless a task provides them."""
+        return []
 
 
 class WorldDataModule(ContextPairDataModule):

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -269,19 +268,6 @@ class BaseWeightsTeacher:
         if student is None or name.startswith("__"):  # copy/pickle probe dunders before __dict__ is filled
             raise AttributeError(name)
         return getattr(student, name)
-
-
-@contextlib.contextmanager
-def eval_mode(module):
-    """Every submodule in eval mode inside; each one's own mode restored after (no ``.eval()`` leaks out)."""
-    modes = [(m, m.training) for m in module.modules()]
-    for m, _ in modes:  # the flag only: no ``eval()`` override of a wrapper runs
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def quantization_config(kind: str, compute_dtype: torch.dtype):

@@ -35,7 +35,7 @@ import torch
 
 from lightning_ctx.data import world as W
 from lightning_ctx.data.render import left_pad
-from lightning_ctx.models.loading import eval_mode
+from lightning_ctx.models.scoring import eval_mode
 
 WORLD_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "world_base"
 
