@@ -11,7 +11,7 @@ experiment, then ``lightning-ctx compare`` twice: averaged over seeds per target
 
 Every run gets the tags ``grid``, ``target_context``, ``seed`` and ``anchor_weight`` (``compare`` groups by
 them) and the run name ``<target>-w<weight>-s<seed>``. The config must log to MLflow (the CLI default);
-``experiments/grid/eval.yaml`` (``--eval-config``) adds ``lightning_ctx.callbacks.ContextRemovabilityCallback``,
+``experiments/grid/eval.yaml`` (``--eval-config``) adds ``lightning_ctx.eval.ContextRemovabilityCallback``,
 whose final ``eval/*`` metrics ``compare`` reads. ``--extra-config`` adds more YAML overlays; arguments
 after ``--`` go to every fit.
 With ``--skip-existing`` runs already FINISHED in the experiment (same run name) are not redone.

@@ -566,7 +566,7 @@ def compare_main(argv: list[str]) -> int:
                           metric_prefix=args.metric_prefix, baseline=args.baseline)
     if result["n_runs"] == 0:
         err(f"{len(runs)} run(s) matched but none has {args.metric_prefix}* metrics ({where}); were they "
-            "trained with lightning_ctx.callbacks.ContextRemovabilityCallback?")
+            "trained with lightning_ctx.eval.ContextRemovabilityCallback?")
         return 1
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
               f"method from {args.method_key}; final {args.metric_prefix}* metrics, mean ± std over seeds."]

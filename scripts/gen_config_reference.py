@@ -29,7 +29,7 @@ DATA_MODULES = (
     ("lightning_ctx.data.mcqa.MCQADataModule", "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
     ("lightning_ctx.data.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
 )
-CALLBACK = "lightning_ctx.callbacks.ContextRemovabilityCallback"
+CALLBACK = "lightning_ctx.eval.ContextRemovabilityCallback"
 LOGGER = "lightning_ctx.tracking.MLflowLogger"
 MODULE = "lightning_ctx.module.OnPolicyDistillation"
 CHECKPOINT = "lightning_ctx.checkpointing.RunCheckpoint"

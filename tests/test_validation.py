@@ -232,14 +232,14 @@ def test_knob_out_of_range_in_config_file_names_file_and_line(tiny_dirs, jsonl_f
                        f"{world}, line 6, field 'data.n_train'", ">= 1")
     cb = tmp_path / "cb.yaml"
     cb.write_text("trainer:\n  max_steps: 2\n  callbacks:\n"
-                  "    - class_path: lightning_ctx.callbacks.ContextRemovabilityCallback\n"
+                  "    - class_path: lightning_ctx.eval.ContextRemovabilityCallback\n"
                   "      init_args:\n        every_n_steps: 10\n        num_samples: 2\n        temperature: 0.0\n")
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--config", str(cb)),
                        f"{cb}, line 8, field 'trainer.callbacks.temperature'", "> 0")
 
 
 def test_knob_checks_accept_what_is_valid():
-    from lightning_ctx.callbacks import ContextRemovabilityCallback
+    from lightning_ctx.eval import ContextRemovabilityCallback
     from lightning_ctx.knobs import ConfigError, check_class_args
 
     check_class_args(OnPolicyDistillation, {"temperature": 0.0, "greedy_rollout": True}, "model.")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ctx.metrics import (
+from lightning_ctx.eval.metrics import (
     REMOVABILITY_KEYS,
     ContextRemovability,
     HiddenCosine,

@@ -1,0 +1,381 @@
+"""The context-removability evaluation without a Trainer (DESIGN.md section 3).
+
+``Evaluator`` decodes greedily (and optionally ``num_samples`` samples) from a causal LM on a list of
+records twice -- without and with each record's context --, verifies the answers and computes
+:class:`~lightning_ctx.eval.metrics.RemovabilityMetrics`:
+
+* ``acc_no_ctx``, ``acc_ctx``, ``harm``, ``help``, ``both_correct``, lengths (response tokens,
+  EOS included), ``len_inflation``, truncation (no EOS within ``max_new_tokens``);
+* ``ctx_kl`` = mean per-token KL(no-ctx || with-ctx), teacher-forced on the greedy no-context response;
+* ``hidden_cos/layer_k`` = cosine similarity of hidden states with vs without the context at the
+  response positions of that same teacher-forced pass (``k`` indexes HF's ``hidden_states`` tuple:
+  0 = embedding output, ``k`` = output of block ``k``; by default every block ``1..L``);
+* ``retention`` / ``other_ctx_acc`` on *retention records* (items posed with other contexts c'): the
+  accuracy on them over the initial model's, item by item (or over a scalar ``reference_accuracy``).
+
+``Evaluator.references`` measures the reference points once: the teacher's greedy accuracy with the
+context and the initial model's without it and on the retention items.
+
+Usable anywhere, e.g. in a notebook::
+
+    ev = Evaluator(tokenizer, verifier="exact", settings=EvalSettings(max_new_tokens=16))
+    ev.evaluate(model, records).metrics
+
+Under DDP pass ``Sharding(rank, world_size)``: each rank decodes every ``world_size``-th item, the
+torchmetrics states sync on ``compute()`` and ``Sharding.gather`` collects per-rank objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from lightning_ctx.data.render import PromptRenderer
+from lightning_ctx.eval.decoding import Answers, ResponseDecoder, as_record
+from lightning_ctx.eval.metrics import REMOVABILITY_KEYS, ContextRemovability, RemovabilityMetrics, Retention
+from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response, response_logits
+from lightning_ctx.objectives import per_token_divergence
+from lightning_ctx.rollout import SamplingSettings
+
+__all__ = ["EvalSettings", "EvalResult", "References", "Sharding", "Evaluator", "gather_objects", "resolve_layers"]
+
+
+@dataclass
+class EvalSettings:
+    """Decoding and batching of one evaluation (greedy always; ``num_samples`` > 0 adds sampled decoding)."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    num_samples: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sampling seed; the caller's RNG state is left untouched
+    hidden_layers: Optional[list[int]] = None  # indices into hidden_states; None = every block
+
+    def sampling(self, greedy: bool) -> SamplingSettings:
+        if greedy:
+            return SamplingSettings(max_new_tokens=self.max_new_tokens, greedy=True)
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: unprefixed metrics (synced over ranks) and this rank's per-example rows."""
+
+    step: int
+    split: str
+    metrics: dict[str, float]
+    examples: list[dict] = field(default_factory=list)
+    retention_examples: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class References:
+    """``metrics``: ``teacher_acc_ctx`` ...; ``items``: kind (``teacher_ctx``, ``initial_no_ctx``,
+    ``retention``) -> {item index: right?} over every rank's items."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    items: dict[str, dict[int, bool]] = field(default_factory=dict)
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` without a process group)."""
+    if not _dist_ready():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+@dataclass
+class Sharding:
+    """This process's share of the items (every ``world_size``-th, from ``rank``) and the gather across ranks."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, records: Sequence) -> list[tuple[int, Any]]:
+        return [(i, r) for i, r in enumerate(records) if i % self.world_size == self.rank]
+
+    @staticmethod
+    def gather(obj: Any) -> list[Any]:
+        return gather_objects(obj)
+
+
+def resolve_layers(model, hidden_layers: Optional[Sequence[int]]) -> list[int]:
+    """Indices into ``hidden_states`` (length ``L + 1``) compared by ``hidden_cos`` (None = every block)."""
+    n_blocks = int(getattr(model.config, "num_hidden_layers"))
+    if hidden_layers is None:
+        return list(range(1, n_blocks + 1))
+    out = []
+    for k in hidden_layers:
+        kk = k + n_blocks + 1 if k < 0 else k
+        if not 0 <= kk <= n_blocks:
+            raise ValueError(f"hidden_layers: {k} is out of range for a model with {n_blocks} blocks "
+                             f"(0 = embeddings, 1..{n_blocks} = blocks, negative from the end)")
+        out.append(kk)
+    return sorted(dict.fromkeys(out))
+
+
+def _device_of(model) -> torch.device:
+    inner = getattr(model, "_student", model)  # BaseWeightsTeacher wraps the student
+    try:
+        return next(inner.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _eval_modes(*models):
+    """Every given ``nn.Module`` in eval mode inside, modes restored after (others evaluate themselves)."""
+    stack = contextlib.ExitStack()
+    for m in models:
+        if isinstance(m, torch.nn.Module):
+            stack.enter_context(eval_mode(m))
+    return stack
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """A forked RNG seeded with ``seed``: the sampled evaluation leaves the training RNG untouched."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _quiet_compute(metric):
+    with warnings.catch_warnings():  # a metric never updated on this rank computes to NaN: expected
+        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+        return metric.compute()
+
+
+class Evaluator(ResponseDecoder):
+    """Decode, verify and measure one model with and without the context (see the module docstring).
+
+    Args:
+        tokenizer: the model's tokenizer (decodes responses; default renderer, EOS and pad ids).
+        verifier: ``(response text, answer) -> right?`` or a verifier name (``exact``, ...).
+        renderer: turns ``(prompt, context)`` into ids (default: ``PromptRenderer(tokenizer)``).
+        eos_token_ids / pad_token_id: default the tokenizer's.
+        engine: the rollout engine (None = HF ``generate``).
+        vocab_size: logit width compared in ``ctx_kl`` (None = the model's output embedding rows).
+        settings: :class:`EvalSettings`.
+        device: where prompts and metric states live (None = the evaluated model's device).
+        forward_context: a context-manager factory around the forward passes (e.g. autocast).
+        sharding: DDP rank / world size (None = one process).
+        progress: a progress bar (rank 0 only).
+    """
+
+    def __init__(self, tokenizer, verifier: Callable | str, renderer: Optional[PromptRenderer] = None, *,
+                 eos_token_ids: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None, engine=None,
+                 vocab_size: Optional[int] = None, settings: Optional[EvalSettings] = None,
+                 device: Optional[torch.device] = None, forward_context: Optional[Callable] = None,
+                 sharding: Optional[Sharding] = None, progress: bool = False):
+        super().__init__(tokenizer, verifier, renderer, eos_token_ids, pad_token_id, engine)
+        self.vocab_size = vocab_size
+        self.settings = settings or EvalSettings()
+        self.device = device
+        self.forward_context = forward_context or contextlib.nullcontext
+        self.sharding = sharding or Sharding()
+        self.progress = progress
+
+    @classmethod
+    def from_datamodule(cls, dm, **kwargs) -> "Evaluator":
+        """The data module's tokenizer, renderer and verifier (``dm.connect(tokenizer)`` done before)."""
+        dm.validate()
+        return cls(dm.tokenizer, dm.verifier, dm.renderer, **kwargs)
+
+    @classmethod
+    def for_module(cls, pl_module, renderer, verifier, settings: EvalSettings, **kwargs) -> "Evaluator":
+        """The ids, engine, logit width and device of an ``OnPolicyDistillation`` module."""
+        return cls(pl_module.tokenizer, verifier, renderer, eos_token_ids=pl_module.eos_token_ids,
+                   pad_token_id=pl_module.pad_token_id, engine=getattr(pl_module, "engine", None),
+                   vocab_size=getattr(pl_module, "vocab_size", None), settings=settings, device=pl_module.device,
+                   **kwargs)
+
+    def resolve_layers(self, model) -> list[int]:
+        return resolve_layers(model, self.settings.hidden_layers)
+
+    def _batches(self, items: list) -> list[list]:
+        bs = self.settings.batch_size
+        return [items[s:s + bs] for s in range(0, len(items), bs)]
+
+    def _bar(self, total: int, desc: str):
+        if not self.progress or self.sharding.rank != 0 or total <= 1:
+            return contextlib.nullcontext(None)
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    # -- the evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, records: Sequence, retention_records: Optional[Sequence] = None, *,
+                 references: Optional[References] = None, reference_accuracy: Optional[float] = None,
+                 step: int = 0, split: str = "val", desc: Optional[str] = None) -> EvalResult:
+        """Every metric of ``model`` on ``records`` (this rank's shard; metrics synced over ranks).
+
+        ``references`` (from :meth:`references`) add the per-item reference flags to the rows and make
+        ``retention`` per item; without them ``reference_accuracy`` is the scalar retention reference.
+        """
+        records = [as_record(r, f"{split} split") for r in records]
+        retention_records = [as_record(r) for r in retention_records or []]
+        layers = self.resolve_layers(model)
+        device = self.device or _device_of(model)
+        metrics = RemovabilityMetrics(num_layers=len(layers), reference_accuracy=reference_accuracy).to(device)
+        sampled = ContextRemovability().to(device) if self.settings.num_samples else None
+        items = (references or References()).items
+        ref_ret = items.get("retention")
+        # per-item retention reference only when every item has one (Retention refuses a mix)
+        if ref_ret is not None and not all(i in ref_ret for i in range(len(retention_records))):
+            ref_ret = None
+        main = self._batches(self.sharding.shard(records))
+        other = self._batches(self.sharding.shard(retention_records))
+        rows: list[dict] = []
+        ret_rows: list[dict] = []
+        with self._bar(len(main) + len(other), desc or f"step {step}") as bar, _eval_modes(model), \
+                self.forward_context():
+            for n, chunk in enumerate(main):
+                seed_offset = step + n * self.settings.batch_size
+                rows += self._main_batch(model, chunk, layers, metrics, sampled, items, device, seed_offset)
+                if bar is not None:
+                    bar.update(1)
+            for chunk in other:
+                ret_rows += self._retention_batch(model, chunk, metrics, ref_ret, device)
+                if bar is not None:
+                    bar.update(1)
+        values = metrics.compute()
+        # name hidden layers by their hidden_states index, not by their position in `layers`
+        out = {(f"hidden_cos/layer_{layers[int(k.rsplit('_', 1)[1])]}" if k.startswith("hidden_cos/layer_") else k): v
+               for k, v in values.items()}
+        if sampled is not None:
+            sv = _quiet_compute(sampled)
+            out.update({f"sampled/{k}": float(sv[k]) for k in REMOVABILITY_KEYS})
+        return EvalResult(step=step, split=split, metrics=out, examples=rows, retention_examples=ret_rows)
+
+    def _main_batch(self, model, chunk, layers, metrics, sampled, items, device, seed_offset) -> list[dict]:
+        recs = [r for _, r in chunk]
+        greedy = self.settings.sampling(greedy=True)
+        a0 = self.answer(model, recs, False, greedy, device)
+        a1 = self.answer(model, recs, True, greedy, device)
+        r0, r1 = a0.rollout, a1.rollout
+        metrics.removability.update(torch.tensor(a0.correct), torch.tensor(a1.correct), r0.lengths, r1.lengths,
+                                    ~r0.finished, ~r1.finished)
+        self._teacher_forced(model, a0, a1, layers, metrics)
+        sampled_acc = self._sampled_pass(model, recs, a0, a1, sampled, seed_offset) if sampled is not None else None
+        ref_no, ref_ctx = items.get("initial_no_ctx", {}), items.get("teacher_ctx", {})
+        rows = []
+        for j, (i, rec) in enumerate(chunk):
+            row = {"index": i, "id": rec.id, "context": rec.context, "prompt": rec.prompt, "answer": rec.answer,
+                   "response_no_ctx": a0.texts[j], "correct_no_ctx": a0.correct[j], "len_no_ctx": int(r0.lengths[j]),
+                   "truncated_no_ctx": not bool(r0.finished[j]),
+                   "response_ctx": a1.texts[j], "correct_ctx": a1.correct[j], "len_ctx": int(r1.lengths[j]),
+                   "truncated_ctx": not bool(r1.finished[j])}
+            if i in ref_no:
+                row["initial_correct_no_ctx"] = ref_no[i]
+            if i in ref_ctx:
+                row["teacher_correct_ctx"] = ref_ctx[i]
+            if sampled_acc is not None:
+                row["sampled_acc_no_ctx"], row["sampled_acc_ctx"] = sampled_acc[0][j], sampled_acc[1][j]
+            rows.append(row)
+        return rows
+
+    def _teacher_forced(self, model, a0: Answers, a1: Answers, layers, metrics) -> None:
+        """``ctx_kl`` and ``hidden_cos``: the greedy no-context response scored without and with the context."""
+        r0 = a0.rollout
+        vocab = self.vocab_size or _output_vocab_size(model)
+        in0 = join_prompt_and_response(a0.prompt_ids, a0.prompt_mask, r0.response_ids, r0.response_mask)
+        in1 = join_prompt_and_response(a1.prompt_ids, a1.prompt_mask, r0.response_ids, r0.response_mask)
+        logits0, hid0 = response_logits(model, in0, vocab, output_hidden_states=True)
+        logits1, hid1 = response_logits(model, in1, vocab, output_hidden_states=True)
+        mask = r0.response_mask
+        metrics.ctx_kl.update(per_token_divergence(logits0.float(), logits1.float(), mask, kind="reverse_kl"), mask)
+        R = in0.response_len
+        metrics.hidden.update([hid0[k][:, in0.prefix_len:in0.prefix_len + R] for k in layers],
+                              [hid1[k][:, in1.prefix_len:in1.prefix_len + R] for k in layers], mask)
+
+    def _sampled_pass(self, model, recs, a0: Answers, a1: Answers, metric, seed_offset):
+        """``num_samples`` samples per item without / with the context; pairs (sample j, sample j) feed ``metric``."""
+        k = self.settings.num_samples
+        settings = self.settings.sampling(greedy=False)
+        with _seeded(a0.prompt_ids.device, self.settings.seed + seed_offset):
+            ra = self.decode(model, a0.prompt_ids.repeat_interleave(k, 0), a0.prompt_mask.repeat_interleave(k, 0),
+                             settings)
+            rb = self.decode(model, a1.prompt_ids.repeat_interleave(k, 0), a1.prompt_mask.repeat_interleave(k, 0),
+                             settings)
+        answers = [r.answer for r in recs for _ in range(k)]
+        ca = [bool(self.verifier(t, a)) for t, a in zip(self.texts(ra), answers)]
+        cb = [bool(self.verifier(t, a)) for t, a in zip(self.texts(rb), answers)]
+        metric.update(torch.tensor(ca), torch.tensor(cb), ra.lengths, rb.lengths, ~ra.finished, ~rb.finished)
+        return tuple([sum(c[i * k:(i + 1) * k]) / k for i in range(len(recs))] for c in (ca, cb))
+
+    def _retention_batch(self, model, chunk, metrics, ref_ret, device) -> list[dict]:
+        recs = [r for _, r in chunk]
+        a = self.answer(model, recs, True, self.settings.sampling(greedy=True), device)
+        ref = torch.tensor([ref_ret[i] for i, _ in chunk]) if ref_ret is not None else None
+        metrics.retention.update(torch.tensor(a.correct), ref)
+        rows = []
+        for j, (i, rec) in enumerate(chunk):
+            row = {"index": i, "id": rec.id, "context": rec.context, "prompt": rec.prompt, "answer": rec.answer,
+                   "response": a.texts[j], "correct": a.correct[j], "len": int(a.rollout.lengths[j])}
+            if ref_ret is not None:
+                row["reference_correct"] = ref_ret[i]
+            rows.append(row)
+        return rows
+
+    # -- references: the teacher (with context) and the initial model (without context) ------------
+    @torch.no_grad()
+    def references(self, teacher, records: Sequence, retention_records: Optional[Sequence] = None,
+                   initial_model=None) -> References:
+        """Greedy teacher accuracy with the context; with an ``initial_model`` also its accuracy without the
+        context and on the retention items (the per-item retention reference). Items of every rank."""
+        records = [as_record(r, "records") for r in records]
+        retention_records = [as_record(r) for r in retention_records or []]
+        greedy = self.settings.sampling(greedy=True)
+        device = self.device or _device_of(initial_model if initial_model is not None else teacher)
+        rem, ret = ContextRemovability().to(device), Retention().to(device)
+        items: dict[str, dict[int, bool]] = {"teacher_ctx": {}, "initial_no_ctx": {}, "retention": {}}
+        with _eval_modes(teacher, initial_model), self.forward_context():
+            for chunk in self._batches(self.sharding.shard(records)):
+                recs = [r for _, r in chunk]
+                at = self.answer(teacher, recs, True, greedy, device)
+                # without an initial model the no-context side is a placeholder, not reported
+                ai = self.answer(initial_model, recs, False, greedy, device) if initial_model is not None else at
+                rem.update(torch.tensor(ai.correct), torch.tensor(at.correct), ai.rollout.lengths, at.rollout.lengths)
+                for j, (i, _) in enumerate(chunk):
+                    items["teacher_ctx"][i] = at.correct[j]
+                    if initial_model is not None:
+                        items["initial_no_ctx"][i] = ai.correct[j]
+            if initial_model is not None and retention_records:
+                for chunk in self._batches(self.sharding.shard(retention_records)):
+                    cr = self.answer(initial_model, [r for _, r in chunk], True, greedy, device).correct
+                    ret.update(torch.tensor(cr))
+                    items["retention"].update((i, cr[j]) for j, (i, _) in enumerate(chunk))
+        rv, tv = _quiet_compute(rem), _quiet_compute(ret)
+        refs = {"teacher_acc_ctx": float(rv["acc_ctx"]), "teacher_len_ctx": float(rv["len_ctx"])}
+        if initial_model is not None:
+            refs["initial_acc_no_ctx"] = float(rv["acc_no_ctx"])
+            refs["initial_len_no_ctx"] = float(rv["len_no_ctx"])
+            if retention_records:
+                refs["initial_other_ctx_acc"] = float(tv["other_ctx_acc"])
+        # every rank keeps every item's flags (consistent checkpoint state under DDP)
+        merged: dict[str, dict[int, bool]] = {k: {} for k in items}
+        for part in self.sharding.gather(items):
+            for k, v in part.items():
+                merged[k].update(v)
+        return References(refs, {k: v for k, v in merged.items() if v})
+
+
+def _output_vocab_size(model) -> int:
+    from lightning_ctx.models.loading import output_vocab_size
+
+    return output_vocab_size(getattr(model, "_student", model))
