@@ -236,7 +236,7 @@ def _loss_child(B: int, T: int, V: int, chunk: int | None, anchor: float) -> dic
 
 def memory(args) -> dict:
     B, T, V = args.mem_batch, args.mem_len, args.vocab
-    from lightning_ctx.module import auto_chunk_size
+    from lightning_ctx.loss import auto_chunk_size
 
     auto = auto_chunk_size(B, V, 256)
     configs = [("unchunked", None), (f"auto (256 MiB budget): chunk {auto}", auto), ("chunk 32", 32),

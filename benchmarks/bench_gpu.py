@@ -196,7 +196,8 @@ def main(argv=None) -> dict:
         args.new, args.steps = min(args.new, 64), 1
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
 
-    from lightning_ctx.module import OnPolicyDistillation, auto_chunk_size
+    from lightning_ctx.loss import auto_chunk_size
+    from lightning_ctx.module import OnPolicyDistillation
 
     clock = Clock(device)
     results = {"args": vars(args), "shape": shape, "torch": torch.__version__, "python": platform.python_version(),
@@ -214,7 +215,7 @@ def main(argv=None) -> dict:
         module.to(device)
         results["setup_s"] = time.perf_counter() - t0
     results["params"] = sum(p.numel() for p in module.student.parameters())
-    results["loss_chunk"] = module.loss_chunk_size(args.batch)
+    results["loss_chunk"] = module.objective.chunk_for(args.batch)
     results["auto_chunk_rule"] = auto_chunk_size(args.batch, module.vocab_size)
     batch = make_batch(args.batch, args.prompt, args.context, shape["vocab_size"], device)
     optimizer = torch.optim.AdamW([p for p in module.student.parameters() if p.requires_grad], lr=1e-5)

@@ -76,3 +76,27 @@ def read_mlflow_run_id(ckpt_path: str | os.PathLike) -> Optional[str]:
     """The MLflow run a checkpoint belongs to (safe load: tensors and primitives only)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     return ckpt.get(MLFLOW_RUN_KEY)
+
+
+def add_run_state(checkpoint: dict, skipped_steps: int, loggers) -> None:
+    """What a checkpoint needs beyond Lightning's: no teacher weights (rebuilt from their source on load), the
+    skipped-step count, the RNG states and the MLflow run id (a resumed run continues the same run)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    state = checkpoint.get("state_dict", {})
+    for key in [k for k in state if k.startswith("teacher.")]:
+        del state[key]
+    checkpoint["skipped_steps"] = skipped_steps
+    checkpoint[RNG_KEY] = capture_rng_states()
+    run_ids = [lg.run_id for lg in loggers if isinstance(lg, MLFlowLogger)]
+    if run_ids:
+        checkpoint[MLFLOW_RUN_KEY] = run_ids[0]
+
+
+def save_beside_checkpoints(trainer, filename: str) -> str:
+    """Save the trainer's current state as ``filename`` next to the periodic checkpoints; returns the path."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    folder = callbacks[0].dirpath if callbacks else trainer.default_root_dir
+    path = os.path.join(folder, filename)
+    trainer.save_checkpoint(path)
+    return path

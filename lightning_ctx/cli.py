@@ -19,6 +19,7 @@ from pathlib import Path
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError
+from lightning_ctx.textfiles import read_text
 from lightning_ctx.knobs import Check, ConfigError, at_least, check_class_args
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
@@ -37,6 +38,67 @@ class ConciseArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Optional[Exception] = None):
         print(f"lightning-ctx: error: {locate_config_error(message, _CURRENT_ARGV)}", file=sys.stderr)
         raise SystemExit(2)
+
+
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_config(ref: str, relative_to: Optional[Path] = None) -> Path:
+    """A config reference: ``builtin:NAME`` (shipped in the package), or a path (relative to the including file)."""
+    if ref.startswith(BUILTIN_PREFIX):
+        path = BUILTIN_CONFIGS / ref[len(BUILTIN_PREFIX):]
+    else:
+        path = Path(ref).expanduser()
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
+    if not path.is_file():
+        raise ConfigError("config file does not exist" + (f" (from the defaults of {relative_to})" if relative_to else ""),
+                          path=path, field="defaults" if relative_to else "--config")
+    return path
+
+
+def _config_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[Path]:
+    """``path``'s ``defaults`` (recursively, in order), then ``path`` itself."""
+    import yaml
+
+    if path.resolve() in stack:
+        raise ConfigError(f"the defaults form a cycle: {' -> '.join(map(str, [*stack, path.resolve()]))}",
+                          path=path, field="defaults")
+    try:
+        content = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML ({' '.join(str(err).split())})", path=path) from None
+    defaults = content.get("defaults") if isinstance(content, dict) else None
+    if defaults is not None and not (isinstance(defaults, list) and all(isinstance(d, str) for d in defaults)):
+        raise ConfigError("must be a list of config paths", path=path, field="defaults")
+    chain: list[Path] = []
+    for ref in defaults or []:
+        chain += _config_chain(resolve_config(ref, path.parent), (*stack, path.resolve()))
+    return chain + [path]
+
+
+def expand_configs(argv: list[str]) -> list[str]:
+    """Replace every ``--config FILE`` by ``--config`` of each of FILE's ``defaults``, then FILE itself.
+
+    Configs compose: a task base, a method file and a model file stack like repeated ``--config``, and a
+    file can name the ones it builds on (``defaults: [builtin:world.yaml, builtin:methods/opd.yaml]``).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            ref, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            ref, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        for path in _config_chain(resolve_config(ref)):
+            out += ["--config", str(path)]
+    return out
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -190,6 +252,9 @@ def fix_subclass_defaults(cfg) -> None:
 
 class ContextCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
+        if args is None or isinstance(args, (list, tuple)):
+            args = expand_configs(list(sys.argv[1:] if args is None else args))
+            _CURRENT_ARGV[:] = args
         kwargs.setdefault("trainer_defaults", {
             "logger": {"class_path": "lightning_ctx.tracking.MLflowLogger"},
             "log_every_n_steps": 1,
@@ -211,6 +276,9 @@ class ContextCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data": {"class_path": "lightning_ctx.data.datamodule.ContextPairDataModule"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_argument("--defaults", type=Optional[list[str]], default=None,
+                            help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
+                                 "to this file); expanded by lightning-ctx before parsing.")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -277,7 +345,7 @@ class ContextCLI(LightningCLI):
 # Subcommands outside LightningCLI: name -> "module:function" taking argv (imported lazily).
 EXTRA_COMMANDS = {
     "compare": "lightning_ctx.tracking:compare_main",
-    "pretrain-world": "lightning_ctx.models.world:main",
+    "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
 }
 
 

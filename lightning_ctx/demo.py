@@ -1,7 +1,8 @@
 """``make demo``: distill the SHOW context into the built-in rule-world base, three ways, and compare.
 
-Arms (``experiments/world_*.yaml``): plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD
-plus the retention term. Each run is a normal ``lightning-ctx fit`` (in this process, to pay the
+Arms: the world task base stacked with each method file shipped in the package (``builtin:world.yaml``
++ ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as ``experiments/world_*.yaml``):
+plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention term. Each run is a normal ``lightning-ctx fit`` (in this process, to pay the
 import cost once), tracked in ``./mlruns``; the table is read back from MLflow.
 
     python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 150] [--arms opd anchored retain]
@@ -14,23 +15,24 @@ import math
 import time
 from pathlib import Path
 
+TASK = "builtin:world.yaml"
 ARMS = {
-    "opd": "world_opd.yaml",
-    "anchored": "world_anchored.yaml",
-    "retain": "world_anchored_retain.yaml",
+    "opd": "builtin:methods/opd.yaml",
+    "anchored": "builtin:methods/anchored.yaml",
+    "retain": "builtin:methods/anchored_retain.yaml",
 }
 COLUMNS = ("acc_no_ctx", "acc_ctx", "harm", "help", "len_no_ctx", "len_ctx", "retention")
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def run_arm(config: Path, target: str, seed: int, steps: int, root: Path, experiment: str) -> str:
-    """One ``fit``; returns the MLflow run id."""
+def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment: str) -> str:
+    """One ``fit`` of the world task with ``arm``'s method config; returns the MLflow run id."""
     from lightning_ctx.cli import ContextCLI
 
-    cli = ContextCLI(args=["fit", "--config", str(config), "--seed_everything", str(seed),
+    cli = ContextCLI(args=["fit", "--config", TASK, "--config", ARMS[arm], "--seed_everything", str(seed),
                            "--data.init_args.target_context", target, "--trainer.max_steps", str(steps),
                            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
-                           "--trainer.logger.init_args.experiment_name", experiment])
+                           "--trainer.logger.init_args.experiment_name", experiment,
+                           "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}"])
     return cli.trainer.logger.run_id
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             t0 = time.time()
             print(f"\n=== {arm} | target {args.target} | seed {seed} ===", flush=True)
-            run_id = run_arm(EXPERIMENTS / ARMS[arm], args.target, seed, args.steps,
+            run_id = run_arm(arm, args.target, seed, args.steps,
                              Path(args.out) / f"{arm}-{args.target}-s{seed}", args.experiment)
             rows.append((arm, seed, final_metrics(run_id)))
             print(f"--- {arm} done in {time.time() - t0:.0f} s (MLflow run {run_id})", flush=True)

@@ -12,39 +12,43 @@
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 
-from lightning_ctx import objectives
 from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
-from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, RNG_KEY, capture_rng_states, restore_rng_states
+from lightning_ctx.checkpointing import RNG_KEY, add_run_state, restore_rng_states, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
-from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
-from lightning_ctx.models.loading import (DTYPES, BaseWeightsTeacher, ModelError, apply_lora, check_teacher_compatible,
-                                          freeze, frozen_copy, load_causal_lm, load_quantized_teacher,
-                                          load_tokenizer, output_vocab_size)
+from lightning_ctx.models.scoring import response_logits
+from lightning_ctx.models.loading import DTYPES, ModelError
+from lightning_ctx.models.teachers import build_student_and_teacher
+from lightning_ctx.loss import DistillationLoss
+from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 
 
-TEACHER_BASE = "base"  # model.teacher: the LoRA student's base weights with the adapter disabled
-AUTO_CHUNK_MIN_VOCAB = 32768
+def global_token_scale(trainer, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """``n_local * world_size / n_global`` under a multi-process strategy, else None.
 
-
-def auto_chunk_size(batch_size: int, vocab_size: int, budget_mib: int = 256,
-                    min_vocab: int = AUTO_CHUNK_MIN_VOCAB) -> Optional[int]:
-    """Sequence chunk so that one float32 ``[batch_size, chunk, vocab_size]`` block is <= ``budget_mib`` MiB.
-
-    None (unchunked) below ``min_vocab``: small vocabularies gain nothing from chunking. Never below 1.
+    Each term is a per-token mean over the rank's own tokens; DDP/FSDP then *average* gradients over
+    ranks. Rescaling by this factor turns that average into the per-token mean over the whole global
+    batch (docs/design.md, "Objectives": never weight a token by how many tokens its rank happened to get),
+    and the rank-mean of the logged values into that same global mean.
     """
-    if vocab_size < min_vocab:
+    if trainer.world_size <= 1:
         return None
-    return max(1, (budget_mib * 2 ** 20) // (4 * max(batch_size, 1) * vocab_size))
+    n_local = mask.sum().to(torch.float32)
+    n_global = trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
+    return n_local * trainer.world_size / n_global.clamp(min=1)
+
+
+def nonfinite_message(step: int, bad: str, terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
+    values = ", ".join(f"{k}={terms[k].item():.4g}" for k in ("opd", "anchor", "retain") if k in terms)
+    return (f"non-finite loss at step {step}: term '{bad}' = {terms[bad].item()} ({values})"
+            + (f"; state before this step saved to {saved}" if saved else "")
+            + "; set model.on_nonfinite=skip to skip such steps instead")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -147,49 +151,16 @@ class OnPolicyDistillation(pl.LightningModule):
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                          top_k=top_k, greedy=greedy_rollout)
         self.engine = build_engine(rollout_engine)
-        self.tokenizer = load_tokenizer(student, trust_remote_code, local_files_only)
-        self.student = load_causal_lm(student, dtype, trust_remote_code, local_files_only)
-        self.student.train()  # from_pretrained returns eval mode; Lightning keeps modules as it finds them
-        # With LoRA and no separate teacher, the base weights with the adapter off *are* the initial student.
-        base_teacher = teacher == TEACHER_BASE or (teacher is None and lora is not None
-                                                   and teacher_quantization is None)
-        if base_teacher:
-            if lora is None:
-                raise ModelError("model.teacher: base means the LoRA student's base weights with the adapter "
-                                 "disabled; set model.lora (or leave model.teacher unset)")
-            if teacher_quantization is not None:
-                raise ModelError("model.teacher_quantization does not apply to teacher: base (those weights are "
-                                 "the student's own)")
-        if lora is not None:
-            self.student = apply_lora(self.student, lora)
-            self.student.train()
-        if base_teacher:
-            self.teacher = BaseWeightsTeacher(self.student)  # not a submodule: one copy of the weights
-            self.vocab_size = output_vocab_size(self.student)
-        elif teacher is None:
-            # The initial student: a frozen copy, or re-loaded from its source when quantized.
-            self.teacher = (frozen_copy(self.student) if teacher_quantization is None
-                            else self._load_frozen_teacher(student))
-            self.vocab_size = output_vocab_size(self.student)
-        else:
-            teacher_tok = load_tokenizer(teacher, trust_remote_code, local_files_only)
-            self.teacher = self._load_frozen_teacher(teacher)
-            self.vocab_size = check_teacher_compatible(self.tokenizer, teacher_tok, self.student, self.teacher, teacher)
+        self.tokenizer, self.student, self.teacher, self.vocab_size = build_student_and_teacher(
+            student, teacher, lora=lora, teacher_quantization=teacher_quantization, dtype=dtype,
+            teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+        self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size)
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.skipped_steps = 0
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
-
-    def _load_frozen_teacher(self, source: str):
-        """A frozen teacher from ``source``, quantized when ``teacher_quantization`` asks for it."""
-        hp = self.hparams
-        dtype = hp.teacher_dtype or hp.dtype
-        if hp.teacher_quantization is not None:
-            return load_quantized_teacher(source, hp.teacher_quantization, dtype, hp.trust_remote_code,
-                                          hp.local_files_only)
-        return freeze(load_causal_lm(source, dtype, hp.trust_remote_code, hp.local_files_only))
 
     # -- checks ---------------------------------------------------------------------------------
     def check_data(self, datamodule) -> None:
@@ -226,92 +197,13 @@ class OnPolicyDistillation(pl.LightningModule):
         with torch.no_grad():
             return response_logits(self.teacher, inputs, self.vocab_size)
 
-    def loss_chunk_size(self, batch_size: int) -> Optional[int]:
-        """The sequence chunk of the KL terms: ``chunk_size`` if set, else the automatic choice (or None)."""
-        hp = self.hparams
-        if hp.chunk_size is not None:
-            return hp.chunk_size
-        if hp.get("auto_chunk", True):
-            return auto_chunk_size(batch_size, self.vocab_size, hp.get("auto_chunk_mib", 256))
-        return None
-
     def _token_scale(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
-        """``n_local * world_size / n_global`` under a multi-process strategy, else None.
-
-        Each term is a per-token mean over the rank's own tokens; DDP/FSDP then *average* gradients over
-        ranks. Rescaling by this factor turns that average into the per-token mean over the whole global
-        batch (DESIGN section 2: never weight a token by how many tokens its rank happened to get), and the
-        rank-mean of the logged values into that same global mean.
-        """
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return None
-        n_local = mask.sum().to(torch.float32)
-        n_global = self.trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
-        return n_local * self.trainer.world_size / n_global.clamp(min=1)
-
-    def _divergence(self, student_logits, teacher_logits, tokens, mask, chunk_size=None) -> torch.Tensor:
-        hp = self.hparams
-        if hp.divergence == "sampled":
-            teacher_lp = objectives.token_logprobs(teacher_logits, tokens, chunk_size=chunk_size)
-            return objectives.sampled_token_loss(student_logits, teacher_lp, tokens, mask, chunk_size=chunk_size)
-        return objectives.token_divergence(student_logits, teacher_logits, mask, kind=hp.divergence, beta=hp.jsd_beta,
-                                           scope=hp.scope, topk=hp.topk, chunk_size=chunk_size,
-                                           topk_union_teacher=hp.topk_union_teacher)
+        return global_token_scale(self.trainer, mask) if self._trainer is not None else None
 
     def compute_losses(self, batch: ContextPairBatch, rollout: Rollout,
                        retain_rollout: Optional[Rollout] = None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum.
-
-        Memory: the teacher logits are freed right after the OPD term. Every KL runs chunked over the sequence
-        (``loss_chunk_size``; automatic for vocabularies >= 32k) under activation checkpointing, so no float32
-        ``[B, R, V]`` log-probs are saved for backward, neither for the no-context pass nor for the
-        with-context pass: what stays alive across the with-context forward is the no-context logits in the
-        model's dtype (needed as the anchor) and the no-context activations. A two-stage backward (OPD
-        backward before the with-context pass) would free those activations too, but needs manual
-        optimization (and loses gradient accumulation/clipping/DDP single-backward semantics), so it is not done.
-        """
-        hp = self.hparams
-        mask, tokens = rollout.response_mask, rollout.response_ids
-        chunk = self.loss_chunk_size(tokens.shape[0])
-        student_in = join_prompt_and_response(batch.prompt_ids, batch.prompt_mask, tokens, mask)
-        ctx_in = join_prompt_and_response(batch.ctx_prompt_ids, batch.ctx_prompt_mask, tokens, mask)
-        t0 = time.perf_counter()
-        teacher_logits = self._teacher_logits(ctx_in)
-        t1 = time.perf_counter()
-        student_logits = response_logits(self.student, student_in, self.vocab_size)
-        opd = self._divergence(student_logits, teacher_logits, tokens, mask, chunk)
-        scale = self._token_scale(mask)
-        if scale is not None:
-            opd = opd * scale
-        del teacher_logits  # never keep [B, R, V] teacher logits alive past the term that needs them
-        out = {"opd": opd}
-        loss = opd
-        if hp.anchor_weight > 0:
-            ctx_student_logits = response_logits(self.student, ctx_in, self.vocab_size)
-            anchor = objectives.anchored_consistency(student_logits, ctx_student_logits, mask,
-                                                     direction=hp.anchor_direction, detach_anchor=hp.detach_anchor,
-                                                     scope=hp.scope, topk=hp.topk, chunk_size=chunk)
-            if scale is not None:
-                anchor = anchor * scale
-            out["anchor"] = anchor
-            loss = loss + hp.anchor_weight * anchor
-        if hp.retain_weight > 0 and retain_rollout is not None:
-            r_in = join_prompt_and_response(batch.retain_prompt_ids, batch.retain_prompt_mask,
-                                            retain_rollout.response_ids, retain_rollout.response_mask)
-            r_teacher = self._teacher_logits(r_in)
-            r_student = response_logits(self.student, r_in, self.vocab_size)
-            retain = self._divergence(r_student, r_teacher, retain_rollout.response_ids, retain_rollout.response_mask,
-                                      chunk)
-            r_scale = self._token_scale(retain_rollout.response_mask)
-            if r_scale is not None:
-                retain = retain * r_scale
-            out["retain"] = retain
-            loss = loss + hp.retain_weight * retain
-        out["loss"] = loss
-        with torch.no_grad():
-            out["entropy"] = objectives.token_entropy(student_logits.detach(), mask, chunk_size=chunk)
-        out["time_teacher_s"] = torch.tensor(t1 - t0)
-        return out
+        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum."""
+        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, self._token_scale)
 
     def model_step(self, batch: ContextPairBatch) -> tuple[dict[str, torch.Tensor], Rollout]:
         """Shared by training and validation: sample on-policy, then compute every term."""
@@ -340,26 +232,11 @@ class OnPolicyDistillation(pl.LightningModule):
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
                 return None  # Lightning skips backward and the optimizer step
-            saved = self._save_before_stopping(f"nonfinite-step{step:06d}.ckpt")
-            raise NonFiniteLossError(f"non-finite loss at step {step}: term '{bad}' = {terms[bad].item()} "
-                                     f"(opd={terms['opd'].item():.4g}"
-                                     + (f", anchor={terms['anchor'].item():.4g}" if "anchor" in terms else "")
-                                     + (f", retain={terms['retain'].item():.4g}" if "retain" in terms else "")
-                                     + ")" + (f"; state before this step saved to {saved}" if saved else "")
-                                     + "; set model.on_nonfinite=skip to skip such steps instead")
+            saved = save_beside_checkpoints(self.trainer, f"nonfinite-step{step:06d}.ckpt") if self._trainer else None
+            raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
         self._log_terms("train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
         return terms["loss"]
-
-    def _save_before_stopping(self, filename: str) -> Optional[str]:
-        """Checkpoint the state before the failing update (weights are still finite) next to the others."""
-        if self._trainer is None:
-            return None
-        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-        folder = callbacks[0].dirpath if callbacks else self.trainer.default_root_dir
-        path = os.path.join(folder, filename)
-        self.trainer.save_checkpoint(path)
-        return path
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
@@ -398,15 +275,7 @@ class OnPolicyDistillation(pl.LightningModule):
 
     # -- checkpoints hold the student; the teacher comes back from its source ----------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-        checkpoint["skipped_steps"] = self.skipped_steps
-        checkpoint[RNG_KEY] = capture_rng_states()
-        run_ids = [lg.run_id for lg in (self.loggers if self._trainer is not None else [])
-                   if isinstance(lg, MLFlowLogger)]
-        if run_ids:
-            checkpoint[MLFLOW_RUN_KEY] = run_ids[0]
+        add_run_state(checkpoint, self.skipped_steps, self.loggers if self._trainer is not None else [])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
@@ -442,29 +311,6 @@ class OnPolicyDistillation(pl.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if hp.get("optimizer", "adamw") == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ModelError("model.optimizer: adamw8bit needs bitsandbytes (pip install "
-                                 "'lightning-ctx[quant]')") from None
-            optimizer = bnb.optim.AdamW8bit(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp.warmup_steps, total, hp.lr_schedule,
-                                                                          hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
-    """Linear warmup, then constant or cosine decay to ``min_ratio`` (a picklable closure for resume)."""
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+        return build_optimizer([p for p in self.student.parameters() if p.requires_grad], hp.get("optimizer", "adamw"),
+                               hp.lr, hp.weight_decay, hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)

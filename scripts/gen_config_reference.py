@@ -25,9 +25,9 @@ OUTPUT = REPO / "docs" / "config_reference.md"
 DATA_MODULES = (
     ("lightning_ctx.data.datamodule.ContextPairDataModule", "JSONL files with `{id, context, prompt, answer}` records "
                                                             "(the default)"),
-    ("lightning_ctx.data.datamodule.WorldDataModule", "the built-in rule world, records generated from seeds"),
-    ("lightning_ctx.data.mcqa.MCQADataModule", "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
-    ("lightning_ctx.data.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
+    ("lightning_ctx.tasks.world.WorldDataModule", "the built-in rule world, records generated from seeds"),
+    ("lightning_ctx.tasks.mcqa.MCQADataModule", "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
+    ("lightning_ctx.tasks.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
 )
 CALLBACK = "lightning_ctx.eval.ContextRemovabilityCallback"
 LOGGER = "lightning_ctx.tracking.MLflowLogger"

@@ -73,7 +73,7 @@ def test_data_subclass_gets_its_own_defaults(tiny_dirs, mlflow_uri):
     """jsonargparse #460: a data subclass must not inherit the base class's defaults."""
     from lightning_ctx.cli import ContextCLI
 
-    cli = ContextCLI(args=["--data", "lightning_ctx.data.datamodule.WorldDataModule", "--model.student",
+    cli = ContextCLI(args=["--data", "lightning_ctx.tasks.world.WorldDataModule", "--model.student",
                            tiny_dirs["qwen2"], "--data.init_args.max_prompt_length", "100"], run=False)
     assert cli.datamodule.batch_size == 64  # WorldDataModule's default, not ContextPairDataModule's 8
     assert cli.datamodule.max_prompt_length == 100  # an explicit value is kept

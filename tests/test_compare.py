@@ -26,7 +26,7 @@ def _log_run(client, exp_id, target, weight, seed, metrics, finish=True):
     from mlflow.entities import Metric, Param
 
     rid = client.create_run(exp_id, tags={"grid": "paper"}).info.run_id
-    params = {"cfg/data.class_path": "lightning_ctx.data.world.WorldDataModule",
+    params = {"cfg/data.class_path": "lightning_ctx.tasks.world.WorldDataModule",
               "cfg/data.init_args.target_context": target, "cfg/data.init_args.train_file": "None",
               "cfg/model.student": "builtin:world", "cfg/model.anchor_weight": weight,
               "cfg/seed_everything": str(seed), "anchor_weight": weight}
@@ -91,7 +91,7 @@ def test_compare_table_means_and_harm_line(runs, mlflow_uri, tmp_path, capsys):
     assert result["n_runs"] == 8  # the RUNNING run and the other experiment are excluded
     by_target = {c["key"]["target"]: c for c in result["configs"]}
     assert set(by_target) == {"SHOW", "ADD2"}
-    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.data.world.WorldDataModule"
+    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.tasks.world.WorldDataModule"
     assert by_target["SHOW"]["key"]["model"] == "builtin:world"
     for target, c in by_target.items():
         for method, weight in (("OPD", "0.0"), ("anchored", "0.5")):
@@ -146,7 +146,7 @@ def test_key_helpers():
     assert key_sources("params.cfg/x|foo") == ("params.cfg/x", "params.foo", "tags.foo")
     assert method_labels(["0.0", "0.5", None]) == {"0.0": "OPD", "0.5": "anchored", None: "?"}
     assert method_labels(["0", "0.1", "1.0"]) == {"0": "OPD", "0.1": "anchored(0.1)", "1.0": "anchored(1)"}
-    assert short_label("lightning_ctx.data.world.WorldDataModule") == "WorldDataModule"
+    assert short_label("lightning_ctx.tasks.world.WorldDataModule") == "WorldDataModule"
     assert short_label("/data/gsm8k/train.jsonl") == "gsm8k/train.jsonl"
     assert short_label("0.5") == "0.5" and short_label(None) == "-"
 

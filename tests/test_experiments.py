@@ -50,7 +50,7 @@ def _family(config: Path) -> str:
 @pytest.fixture(scope="module")
 def mcqa_students(tmp_path_factory):
     """Tiny Qwen2 / Llama checkpoints whose word-level vocabulary covers the sample data (no [UNK])."""
-    from lightning_ctx.data.mcqa import MEDICAL_SYSTEM_PROMPT, load_mcqa
+    from lightning_ctx.tasks.mcqa.convert import MEDICAL_SYSTEM_PROMPT, load_mcqa
     from lightning_ctx.models.tiny import save_tiny_checkpoint
 
     words = sorted({w for r in load_mcqa(SAMPLE, MEDICAL_SYSTEM_PROMPT) for w in (r.context + " " + r.prompt).split()})
@@ -74,7 +74,7 @@ def _final_examples(uri: str, run_id: str) -> dict:
 
 @pytest.mark.parametrize("config", MCQA_CONFIGS, ids=lambda p: p.stem)
 def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_uri):
-    from lightning_ctx.data.mcqa import MEDICAL_SYSTEM_PROMPT
+    from lightning_ctx.tasks.mcqa.convert import MEDICAL_SYSTEM_PROMPT
 
     family = _family(config)
     student = mcqa_students[family]
@@ -95,7 +95,7 @@ def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_u
     assert params["cfg/model.student"] == student and float(params["cfg/model.anchor_weight"]) == 0.5
     assert params["cfg/trainer.precision"] == "bf16-mixed" and params["cfg/model.rollout_engine"] == "hf_static"
     assert int(params["cfg/model.chunk_size"]) > 0
-    assert params["cfg/data.class_path"] == "lightning_ctx.data.mcqa.MCQADataModule"
+    assert params["cfg/data.class_path"] == "lightning_ctx.tasks.mcqa.MCQADataModule"
     assert run.data.tags["task"] == "medmcqa"
     # the held-out split: 8 sample questions, posed with the system prompt as context, gold answers letters
     examples = _final_examples(mlflow_uri, run.info.run_id)["examples"]
@@ -107,7 +107,7 @@ def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_u
 
 
 def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
-    from lightning_ctx.data.frozenlake import frozenlake_verifier, parse_map
+    from lightning_ctx.tasks.frozenlake.rules import frozenlake_verifier, parse_map
 
     config = EXPERIMENTS / "frozenlake_anchored.yaml"
     main(["fit", "--config", str(config), "--model.student", tiny_dirs["qwen2"], "--data.init_args.n_train", "16",
@@ -126,7 +126,7 @@ def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
 
 def test_frozenlake_jsonl_with_verifier_flag(tiny_dirs, mlflow_uri, tmp_path):
     """The generic path: exported JSONL files + ``--data.verifier frozenlake``."""
-    from lightning_ctx.data.frozenlake import write_splits
+    from lightning_ctx.tasks.frozenlake.rules import write_splits
 
     paths = write_splits(tmp_path / "fl", n_train=8, n_val=0, n_test=0)
     main(["fit", "--model.student", tiny_dirs["qwen2"], "--data.train_file", str(paths["train"]),

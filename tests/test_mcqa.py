@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ctx.data.mcqa import (MEDICAL_SYSTEM_PROMPT, MCQADataModule, convert_rows, format_mcq_prompt,
+from lightning_ctx.tasks.mcqa import MCQADataModule
+from lightning_ctx.tasks.mcqa.convert import (MEDICAL_SYSTEM_PROMPT, convert_rows, format_mcq_prompt,
                                      load_mcqa, row_to_record)
-from lightning_ctx.data.mcqa import main as mcqa_main
+from lightning_ctx.tasks.mcqa.convert import main as mcqa_main
 from lightning_ctx.data.records import DataError, load_jsonl
 from lightning_ctx.data.verifiers import build_verifier
 

@@ -5,7 +5,8 @@ from torch.distributions import Categorical, kl_divergence
 from lightning_ctx.data.datamodule import PairCollator
 from lightning_ctx.data.records import TaskRecord
 from lightning_ctx.data.render import PromptRenderer
-from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation, lr_lambda
+from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
+from lightning_ctx.optim import lr_lambda
 from lightning_ctx.rollout import Rollout, response_mask_from_ids
 
 

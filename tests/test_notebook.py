@@ -25,7 +25,7 @@ def _text_outputs(nb) -> str:
 def test_quickstart_notebook_executes(tmp_path, mlflow_uri):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    from lightning_ctx.models.world import WORLD_BASE_DIR
+    from lightning_ctx.tasks.world.model import WORLD_BASE_DIR
 
     assert (WORLD_BASE_DIR / "config.json").exists(), f"the shipped world base is missing: {WORLD_BASE_DIR}"
     nb = nbformat.read(NOTEBOOK, as_version=4)

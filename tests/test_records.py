@@ -1,8 +1,7 @@
-import json
 
 import pytest
 
-from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl, write_jsonl
+from lightning_ctx.data.records import DataError, load_jsonl, write_jsonl
 from lightning_ctx.data.verifiers import ChoiceVerifier, RegexVerifier, build_verifier, exact_match
 
 

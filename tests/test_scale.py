@@ -6,8 +6,10 @@ import torch
 from lightning_ctx import objectives
 from lightning_ctx.data.render import left_pad
 from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
-from lightning_ctx.models.loading import BaseWeightsTeacher, ModelError, load_causal_lm
-from lightning_ctx.module import OnPolicyDistillation, auto_chunk_size
+from lightning_ctx.models.loading import ModelError, load_causal_lm
+from lightning_ctx.models.teachers import BaseWeightsTeacher
+from lightning_ctx.loss import auto_chunk_size
+from lightning_ctx.module import OnPolicyDistillation
 from lightning_ctx.rollout import SamplingSettings, build_engine, sample_responses
 from tests.test_module import _batch, _fixed_rollout, _perturb
 
@@ -209,14 +211,14 @@ def test_loop_engine_samples_like_generate(tiny_dirs, settings):
 def test_fit_start_warms_up_the_engine(tiny_dirs):
     """``on_fit_start`` decodes one dummy batch of (datamodule batch size, longest prompt); off on request."""
 
-    class DM:
-        batch_size = 4
+    from lightning_ctx.data.datamodule import ContextPairDataModule
 
+    class DM(ContextPairDataModule):
         def longest_prompt(self):
             return 11
 
     class FakeTrainer:
-        world_size, datamodule, loggers = 1, DM(), []
+        world_size, datamodule, loggers = 1, DM(batch_size=4), []
 
     for warm in (True, False):
         module = OnPolicyDistillation(student=tiny_dirs["qwen2"], rollout_engine="hf_static", max_new_tokens=5,
@@ -244,9 +246,9 @@ def test_auto_chunk_picks_a_chunk_for_a_big_vocab_and_matches_unchunked(tmp_path
     auto = OnPolicyDistillation(student=path, anchor_weight=0.5, auto_chunk_mib=1)
     plain = OnPolicyDistillation(student=path, anchor_weight=0.5, auto_chunk=False)
     assert auto.vocab_size >= 32768
-    assert auto.loss_chunk_size(3) == 2 and plain.loss_chunk_size(3) is None
+    assert auto.objective.chunk_for(3) == 2 and plain.objective.chunk_for(3) is None
     small = OnPolicyDistillation(student=path, chunk_size=5)
-    assert small.loss_chunk_size(3) == 5  # an explicit chunk_size wins
+    assert small.objective.chunk_for(3) == 5  # an explicit chunk_size wins
     seen = []
     real = objectives.token_divergence
     monkeypatch.setattr(objectives, "token_divergence",

@@ -172,7 +172,7 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """A knob error must stop the run before a model is loaded: loading now fails loudly."""
-    import lightning_ctx.module as module
+    import lightning_ctx.models.teachers as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the knobs were checked")
@@ -226,7 +226,7 @@ def test_knob_out_of_range_in_config_file_names_file_and_line(tiny_dirs, jsonl_f
                        f"{cfg}, line 4, field 'model.lr'", "must be > 0")
     # nested: a data subclass's init_args and a callback's init_args in the shipped world config style
     world = tmp_path / "world.yaml"
-    world.write_text("data:\n  class_path: lightning_ctx.data.datamodule.WorldDataModule\n  init_args:\n"
+    world.write_text("data:\n  class_path: lightning_ctx.tasks.world.WorldDataModule\n  init_args:\n"
                      "    target_context: SHOW\n    batch_size: 64\n    n_train: 0\n")
     _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(world)]),
                        f"{world}, line 6, field 'data.n_train'", ">= 1")
@@ -299,7 +299,7 @@ def test_jsonl_reader_takes_bom_crlf_and_line_separators_inside_strings(tmp_path
 
 
 def test_mcqa_system_prompt_file_must_be_utf8_text(tmp_path):
-    from lightning_ctx.data.mcqa import read_system_prompt
+    from lightning_ctx.tasks.mcqa.convert import read_system_prompt
     from lightning_ctx.errors import DataError
 
     bad = tmp_path / "prompt.txt"

@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 
-from lightning_ctx.data import world as W
+from lightning_ctx.data.records import write_jsonl
+from lightning_ctx.tasks.world import rules as W
 
 # --------------------------------------------------------------------------------------------------
 # data
@@ -76,7 +77,7 @@ def test_splits_disjoint(tmp_path):
     got = {s: {tuple(map(int, r["prompt"].split())) for r in recs} for s, recs in split.items()}
     for s in W.SPLITS:
         assert got[s] <= pools[s]
-    path = W.write_jsonl(split["train"], tmp_path / "sub" / "train.jsonl")
+    path = write_jsonl(split["train"], tmp_path / "sub" / "train.jsonl")
     lines = path.read_text().splitlines()
     assert len(lines) == 100 and json.loads(lines[7]) == split["train"][7]
 
@@ -121,12 +122,12 @@ def test_no_context_mixture():
 # --------------------------------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
-from lightning_ctx.models import world as MW  # noqa: E402
+from lightning_ctx.tasks.world import evaluate as WE, model as WM, pretrain as WP, tokenizer as WT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return MW.build_world_tokenizer()
+    return WT.build_world_tokenizer()
 
 
 def _render(tokenizer, context, prompt):
@@ -160,10 +161,10 @@ def test_tokenizer_roundtrip(tok, tmp_path):
 
 
 def test_pretraining_batches(tok):
-    data = MW.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)
-    b1, b2 = next(iter(data)), next(iter(MW.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)))
+    data = WP.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)
+    b1, b2 = next(iter(data)), next(iter(WP.WorldBatches(tok, batch_size=64, seed=0, p_no_context=0.3)))
     assert all(torch.equal(b1[k], b2[k]) for k in b1)  # seeded
-    assert not torch.equal(b1["input_ids"], next(iter(MW.WorldBatches(tok, 64, seed=1)))["input_ids"])
+    assert not torch.equal(b1["input_ids"], next(iter(WP.WorldBatches(tok, 64, seed=1)))["input_ids"])
     asst = tok.convert_tokens_to_ids("<|assistant|>")
     n_no_ctx = 0
     for ids, mask, labels in zip(b1["input_ids"].tolist(), b1["attention_mask"].tolist(), b1["labels"].tolist()):
@@ -189,13 +190,13 @@ def test_pretraining_batches(tok):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_model_config(tok, arch):
-    cfg = MW.build_world_model_config(tok, arch=arch)
+    cfg = WM.build_world_model_config(tok, arch=arch)
     assert cfg.model_type == arch and cfg.tie_word_embeddings and cfg.vocab_size == len(tok)
     assert cfg.num_hidden_layers == 3 and cfg.hidden_size == 96 and cfg.max_position_embeddings == 64
     assert cfg.pad_token_id == tok.pad_token_id and cfg.eos_token_id == tok.eos_token_id
-    model = MW.build_world_model(tok, seed=0, arch=arch)
+    model = WM.build_world_model(tok, seed=0, arch=arch)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    batch = next(iter(MW.WorldBatches(tok, batch_size=16, seed=0)))
+    batch = next(iter(WP.WorldBatches(tok, batch_size=16, seed=0)))
     with torch.no_grad():
         loss = model(**batch).loss.item()
     assert abs(loss - math.log(len(tok))) < 0.5  # fresh init: ~uniform over the vocabulary
@@ -204,8 +205,8 @@ def test_model_config(tok, arch):
 def test_pretrain_module_learns(tok):
     import lightning.pytorch as pl
 
-    module = MW.WorldPretrainModule(width=32, layers=1, heads=2, lr=1e-2, warmup_steps=2, max_steps=20)
-    data = MW.WorldBatches(module.tokenizer, batch_size=16, seed=0)
+    module = WP.WorldPretrainModule(width=32, layers=1, heads=2, lr=1e-2, warmup_steps=2, max_steps=20)
+    data = WP.WorldBatches(module.tokenizer, batch_size=16, seed=0)
     batch = next(iter(data))
     with torch.no_grad():
         before = module.model(**batch).loss.item()
@@ -224,37 +225,37 @@ def test_pretrain_module_learns(tok):
 
 @pytest.fixture(scope="module")
 def base():
-    if not (MW.WORLD_BASE_DIR / "model.safetensors").exists():
-        pytest.fail(f"shipped world base missing in {MW.WORLD_BASE_DIR}")
-    return MW.load_world_base()
+    if not (WM.WORLD_BASE_DIR / "model.safetensors").exists():
+        pytest.fail(f"shipped world base missing in {WM.WORLD_BASE_DIR}")
+    return WM.load_world_base()
 
 
 def test_base_files_and_report(base):
     model, tokenizer = base
-    files = {p.name for p in MW.WORLD_BASE_DIR.iterdir()}
+    files = {p.name for p in WM.WORLD_BASE_DIR.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "report.json"} <= files
-    assert sum(p.stat().st_size for p in MW.WORLD_BASE_DIR.iterdir()) < 5e6
-    assert model.dtype == torch.float32 and tokenizer.chat_template == MW.WORLD_CHAT_TEMPLATE
-    report = json.loads((MW.WORLD_BASE_DIR / "report.json").read_text())
+    assert sum(p.stat().st_size for p in WM.WORLD_BASE_DIR.iterdir()) < 5e6
+    assert model.dtype == torch.float32 and tokenizer.chat_template == WT.WORLD_CHAT_TEMPLATE
+    report = json.loads((WM.WORLD_BASE_DIR / "report.json").read_text())
     assert report["eval"]["min_acc"] >= 0.99 and report["eval"]["n_per_context"] >= 200
     assert set(report["eval"]["per_context"]) == set(W.ALL_CONTEXTS)
-    assert report["model"]["parameters"] == MW.count_parameters(model)
+    assert report["model"]["parameters"] == WM.count_parameters(model)
 
 
 def test_base_accuracy_every_context(base):
     model, tokenizer = base
     torch.manual_seed(0)
-    ev = MW.evaluate_world_model(model, tokenizer, W.ALL_CONTEXTS, n_per_context=20, seed=0)
+    ev = WE.evaluate_world_model(model, tokenizer, W.ALL_CONTEXTS, n_per_context=20, seed=0)
     assert len(ev["per_context"]) == 61 and all(v["n"] == 20 for v in ev["per_context"].values())
     assert ev["min_acc"] >= 0.99, (ev["argmin"], ev["per_context"][ev["argmin"]])
 
 
 def test_base_left_padding_matches_single(base):
     model, tokenizer = base
-    recs = [MW.heldout_records(c, 1, seed=2)[0] for c in ["SHOW", "ADD1", "REV ADD4 SHOW"]]
-    rows = [MW.render_prompt_ids(tokenizer, r["context"], r["prompt"]) for r in recs]
-    batched = MW.generate_responses(model, tokenizer, rows)
-    single = [MW.generate_responses(model, tokenizer, [row])[0] for row in rows]
+    recs = [WE.heldout_records(c, 1, seed=2)[0] for c in ["SHOW", "ADD1", "REV ADD4 SHOW"]]
+    rows = [WT.render_prompt_ids(tokenizer, r["context"], r["prompt"]) for r in recs]
+    batched = WE.generate_responses(model, tokenizer, rows)
+    single = [WE.generate_responses(model, tokenizer, [row])[0] for row in rows]
     assert batched == single
     assert [t for t, _ in batched] == [r["answer"] for r in recs]
 
@@ -263,12 +264,12 @@ def test_base_without_context_is_a_mixture(base):
     """Greedy = identity, but the SHOW format keeps some (not overwhelming) mass: OPD on SHOW can sample it."""
     model, tokenizer = base
     p_add = []
-    for r in MW.heldout_records("SHOW", 6, seed=1):
+    for r in WE.heldout_records("SHOW", 6, seed=1):
         x = r["prompt"]
-        probs = MW.no_context_answer_probs(model, tokenizer, x)  # exact, teacher-forced, incl. <eot>
+        probs = WE.no_context_answer_probs(model, tokenizer, x)  # exact, teacher-forced, incl. <eot>
         assert probs["IDENTITY"] == max(probs.values()) and 0.25 < probs["IDENTITY"] < 0.8
         assert 0.02 < probs["SHOW"] < 0.25  # the "x = x" answer: sampled now and then, never dominant
         p_add.append(sum(probs[f"ADD{k}"] for k in range(1, 5)))
-        row = MW.render_prompt_ids(tokenizer, None, x)
-        assert MW.generate_responses(model, tokenizer, [row])[0][0] == x
+        row = WT.render_prompt_ids(tokenizer, None, x)
+        assert WE.generate_responses(model, tokenizer, [row])[0][0] == x
     assert 0.15 < sum(p_add) / len(p_add) < 0.5  # target 4/12 = 0.33

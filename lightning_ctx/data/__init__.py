@@ -1,6 +1,6 @@
-"""Task records, rendering with/without context, verifiers and the paired-context DataModule."""
+"""Records, rendering with/without context, generic verifiers and the base paired-context DataModule.
 
-from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
-from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl, write_jsonl
-
-__all__ = ["ContextPairBatch", "ContextPairDataModule", "DataError", "TaskRecord", "load_jsonl", "write_jsonl"]
+Task-specific data lives in ``lightning_ctx.tasks.<task>``. Import from the submodules
+(``lightning_ctx.data.records``, ``.render``, ``.verifiers``, ``.datamodule``): this package file stays
+empty so that importing one of them never drags in the others.
+"""

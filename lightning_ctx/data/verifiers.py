@@ -88,26 +88,29 @@ def _exact_parse(answer: str) -> str | None:
     return normalize_whitespace(answer) or None
 
 
-VERIFIER_NAMES = ("exact", "regex", "choice", "world", "frozenlake")
+# Task verifiers, imported on first use so that the generic data layer never imports a task package.
+TASK_VERIFIERS = {
+    "world": "lightning_ctx.tasks.world.rules:world_verifier",
+    "frozenlake": "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier",
+}
+VERIFIER_NAMES = ("exact", "regex", "choice", *TASK_VERIFIERS)
 
 
 def build_verifier(name: str, **kwargs) -> Verifier:
-    """``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` (tasks register theirs lazily)."""
+    """``exact`` | ``regex`` | ``choice`` | a task's verifier (``world``, ``frozenlake``), with ``kwargs``."""
     if name == "exact":
         return exact_match
     if name == "regex":
         return RegexVerifier(**kwargs)
     if name == "choice":
         return ChoiceVerifier(**kwargs)
-    if name == "world":
-        from lightning_ctx.data.world import world_verifier
+    if name in TASK_VERIFIERS:
+        import importlib
 
-        return world_verifier
-    if name == "frozenlake":
-        from lightning_ctx.data.frozenlake import FrozenLakeVerifier, frozenlake_verifier
-
-        return FrozenLakeVerifier(**kwargs) if kwargs else frozenlake_verifier  # kwargs: strict
-    raise ValueError(f"unknown verifier {name!r}; choose exact, regex, choice, world or frozenlake")
+        module_name, attr = TASK_VERIFIERS[name].split(":")
+        verifier = getattr(importlib.import_module(module_name), attr)
+        return verifier(**kwargs) if isinstance(verifier, type) else verifier
+    raise ValueError(f"unknown verifier {name!r}; choose one of {', '.join(VERIFIER_NAMES)}")
 
 
 def answer_parser(verifier: Verifier) -> Callable[[str], object]:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
@@ -18,6 +17,8 @@ from lightning_ctx.errors import ModelError
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+# Models shipped inside the package (``model.student: builtin:world``).
+BUILTIN_MODELS = {"world": Path(__file__).resolve().parent.parent / "assets" / "world_base"}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -39,11 +40,10 @@ def resolve_model_path(name: str, local_files_only: bool = True) -> str:
     """
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
-        if key == "world":
-            from lightning_ctx.models.world import WORLD_BASE_DIR
-
-            return str(WORLD_BASE_DIR)
-        raise ModelError(f"unknown built-in model {name!r}; available: builtin:world")
+        if key in BUILTIN_MODELS:
+            return str(BUILTIN_MODELS[key])
+        raise ModelError(f"unknown built-in model {name!r}; available: "
+                         f"{', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
     path = Path(os.path.expanduser(name))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name)
     if path.is_dir():
@@ -226,50 +226,6 @@ def apply_lora(model, lora: dict):
         raise ModelError(f"model.lora: {err}") from None
 
 
-class BaseWeightsTeacher:
-    """The LoRA student's base weights with the adapter disabled, used as the frozen teacher.
-
-    One copy of the weights in memory. Deliberately *not* an ``nn.Module`` (nothing is registered twice,
-    nothing of it lands in checkpoints) and its ``eval()``/``train()`` are no-ops: the student object
-    must keep its own train/eval modes (a peer bug: calling ``.eval()`` on a teacher that is the student
-    object turns the student's dropout off for the rest of training). Scoring runs every submodule in
-    eval mode and restores each one's own mode afterwards (``eval_mode``).
-    """
-
-    def __init__(self, student):
-        if not hasattr(student, "disable_adapter"):
-            raise ModelError("teacher: base needs a LoRA student (set model.lora)")
-        self._student = student
-
-    def __call__(self, *args, **kwargs):
-        with self._student.disable_adapter(), eval_mode(self._student):
-            return self._student(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        with self._student.disable_adapter(), eval_mode(self._student):
-            return self._student.generate(*args, **kwargs)
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    @property
-    def training(self) -> bool:
-        return False
-
-    def parameters(self):
-        """The frozen (non-adapter) weights of the student."""
-        return (p for n, p in self._student.named_parameters() if "lora_" not in n)
-
-    def __getattr__(self, name):  # config, generation_config, device, dtype, get_output_embeddings, ...
-        student = self.__dict__.get("_student")
-        if student is None or name.startswith("__"):  # copy/pickle probe dunders before __dict__ is filled
-            raise AttributeError(name)
-        return getattr(student, name)
-
-
 def quantization_config(kind: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -278,13 +234,6 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ModelError(f"unknown quantization {kind!r}; choose 4bit or 8bit")
-
-
-def frozen_copy(model):
-    """A frozen, eval-mode deep copy (the default teacher: the initial student)."""
-    teacher = copy.deepcopy(model)
-    freeze(teacher)
-    return teacher
 
 
 def freeze(model):
@@ -297,24 +246,3 @@ def freeze(model):
 def output_vocab_size(model) -> int:
     emb = model.get_output_embeddings()
     return emb.weight.shape[0] if emb is not None else model.config.vocab_size
-
-
-def check_teacher_compatible(student_tok, teacher_tok, student_model, teacher_model, teacher_name: str) -> int:
-    """Teacher and student must share a tokenizer; returns the shared logit width to compare on.
-
-    Embedding tables are often padded past the tokenizer (Qwen2.5 3B vs 72B: 151936 vs 152064 rows)
-    although the tokenizer is identical, so logits are trimmed to the smaller width.
-    """
-    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s_vocab != t_vocab:
-        only_s = len(set(s_vocab) - set(t_vocab))
-        only_t = len(set(t_vocab) - set(s_vocab))
-        moved = sum(1 for k, v in s_vocab.items() if k in t_vocab and t_vocab[k] != v)
-        raise ModelError(f"{teacher_name}: teacher tokenizer differs from the student's ({len(s_vocab)} vs "
-                         f"{len(t_vocab)} tokens; {only_s} only in student, {only_t} only in teacher, {moved} "
-                         f"with different ids). On-policy distillation scores the student's tokens with the "
-                         f"teacher, so both must share one tokenizer.")
-    width = min(output_vocab_size(student_model), output_vocab_size(teacher_model))
-    if width < len(s_vocab):
-        raise ModelError(f"{teacher_name}: logit width {width} is smaller than the tokenizer ({len(s_vocab)} tokens)")
-    return width

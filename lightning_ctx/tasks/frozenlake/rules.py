@@ -25,7 +25,7 @@ experience text (the privileged context to internalize), ``prompt`` the rendered
 instruction, ``answer`` the map string; extra fields ``solution`` (one shortest path) and ``size``
 are kept in the JSONL for inspection.
 
-``python -m lightning_ctx.data.frozenlake --out DIR`` writes ``train/val/test.jsonl``.
+``python -m lightning_ctx.tasks.frozenlake.rules --out DIR`` writes ``train/val/test.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
-from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
-from lightning_ctx.knobs import at_least, check_class_args, within
+from lightning_ctx.data.records import TaskRecord, write_jsonl
 
 __all__ = ["TILES", "MOVES", "DEFAULT_HINT", "FrozenLakeVerifier", "frozenlake_verifier", "parse_map", "format_map",
            "parse_moves", "simulate", "shortest_path", "random_map", "render_prompt", "make_frozenlake_records",
-           "write_splits", "write_jsonl", "FrozenLakeDataModule", "main"]
+           "write_splits", "main"]
 
 TILES = ("S", "F", "H", "G")
 MOVES = {"UP": (-1, 0), "DOWN": (1, 0), "LEFT": (0, -1), "RIGHT": (0, 1)}
@@ -305,52 +303,8 @@ def write_splits(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_t
     return out
 
 
-class FrozenLakeDataModule(ContextPairDataModule):
-    """FrozenLake records generated from seeds (no files), verifier ``frozenlake``.
-
-    Args:
-        n_train / n_val / n_test: maps per split (splits never share a map; 0 = no such split).
-        size / hole_prob: grid side and hole probability of each non-start, non-goal tile.
-        data_seed: seed of the map draw (independent of ``seed_everything``).
-        context: the privileged hint / experience text (default ``DEFAULT_HINT``).
-        strict: fail responses that keep moving after reaching G (default: the episode ends at G).
-        Other arguments as in ``ContextPairDataModule``.
-
-    For files instead: ``python -m lightning_ctx.data.frozenlake --out DIR`` and the default data module
-    with ``data.verifier: frozenlake``.
-    """
-
-    KNOB_CHECKS = (at_least("n_train", 1), at_least("n_val", 0), at_least("n_test", 0), at_least("size", 2),
-                   within("hole_prob", 0, 1, high_open=True))
-
-    def __init__(self, n_train: int = 1000, n_val: int = 100, n_test: int = 0, size: int = 4, hole_prob: float = 0.2,
-                 data_seed: int = 0, context: str = DEFAULT_HINT, strict: bool = False,
-                 tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
-                 max_prompt_length: int = 1024, template: str = "auto", max_eval_items: Optional[int] = None,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
-        check_class_args(FrozenLakeDataModule, locals(), "data.")
-        super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         max_prompt_length=max_prompt_length, template=template, verifier="frozenlake",
-                         verifier_kwargs={"strict": True} if strict else None, max_eval_items=max_eval_items,
-                         num_workers=num_workers, shuffle=shuffle, seed=seed)
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self.size, self.hole_prob, self.data_seed, self.context = size, hole_prob, data_seed, context
-
-    def load_split_records(self, split: str) -> list[TaskRecord] | None:
-        if self.sizes[split] <= 0:
-            return None
-        try:
-            return make_frozenlake_records(self.sizes[split], size=self.size, hole_prob=self.hole_prob,
-                                           seed=self.data_seed, split=split, context=self.context, as_dicts=False)
-        except RuntimeError as err:
-            raise DataError(str(err), field=f"data.n_{split}") from None
-
-    def split_source(self, split: str) -> str:
-        return f"frozenlake:{self.size}x{self.size}:{split}"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lightning_ctx.data.frozenlake",
+    p = argparse.ArgumentParser(prog="python -m lightning_ctx.tasks.frozenlake.rules",
                                 description="Write FrozenLake train/val/test JSONL records (solvable maps only).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-train", type=int, default=1000)

@@ -27,25 +27,22 @@ Accepted raw rows (one JSON object per line, or one JSON array):
 ``id`` is kept when the row has one, else ``<id_prefix><line>``; ``subject_name`` / ``topic_name``
 are kept as extra fields. Convert files with::
 
-    python -m lightning_ctx.data.mcqa raw.jsonl records.jsonl --system-prompt-file experiments/data/medmcqa_system_prompt.txt
+    python -m lightning_ctx.tasks.mcqa.convert raw.jsonl records.jsonl --system-prompt-file experiments/data/medmcqa_system_prompt.txt
 
 or read raw files directly with :class:`MCQADataModule` (``data.class_path:
-lightning_ctx.data.mcqa.MCQADataModule``), which converts on the fly.
+lightning_ctx.tasks.mcqa.MCQADataModule``), which converts on the fly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
 from lightning_ctx.textfiles import read_json_lines, read_text
-from lightning_ctx.knobs import at_least, check_class_args, existing_file, one_of
 
 __all__ = ["MEDICAL_SYSTEM_PROMPT", "ANSWER_INSTRUCTION", "format_mcq_prompt", "row_to_record", "convert_rows",
            "read_rows", "load_mcqa", "read_system_prompt", "MCQADataModule", "main"]
@@ -209,77 +206,8 @@ def load_mcqa(path: str | Path, system_prompt: str, **kwargs) -> list[TaskRecord
                                                                       **kwargs)]
 
 
-class MCQADataModule(ContextPairDataModule):
-    """Raw MedMCQA-style files -> paired-context batches; the context is one system prompt.
-
-    Args:
-        train_file / val_file / test_file: raw MCQ files (JSONL or a JSON array; see the module docs).
-        system_prompt / system_prompt_file: the context text (default: ``MEDICAL_SYSTEM_PROMPT``).
-        cop_base: 0 for the Hugging Face MedMCQA export, 1 for the original release.
-        skip_unanswered: drop rows without a gold answer instead of failing.
-        instruction: the line after the options (``Answer with the letter of the correct option.``).
-        val_size: with no ``val_file``, hold out this many training rows (a seeded choice) for validation
-            (0 = no validation split).
-        Other arguments as in ``ContextPairDataModule``; the verifier is always ``choice``.
-    """
-
-    # No ``verifier`` argument on purpose: LightningCLI carries init_args that a new data class shares with
-    # the default one (jsonargparse issue #460), so ``verifier: exact`` would silently replace ``choice``.
-
-    KNOB_CHECKS = (existing_file("system_prompt_file"), one_of("cop_base", (0, 1)), at_least("val_size", 0))
-
-    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
-                 test_file: Optional[str] = None, system_prompt: Optional[str] = None,
-                 system_prompt_file: Optional[str] = None, cop_base: int = 0, skip_unanswered: bool = False,
-                 val_size: int = 0, instruction: str = ANSWER_INSTRUCTION, tokenizer: Optional[str] = None,
-                 batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024,
-                 template: str = "auto", retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
-        check_class_args(MCQADataModule, locals(), "data.")
-        super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
-                         batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
-                         template=template, verifier="choice",
-                         retain_contexts=retain_contexts, max_eval_items=max_eval_items, num_workers=num_workers,
-                         shuffle=shuffle, seed=seed)
-        if val_size and val_file:
-            raise DataError("set val_file or val_size, not both", field="data.val_size")
-        self.system_prompt = read_system_prompt(system_prompt, system_prompt_file)
-        self.cop_base = cop_base
-        self.skip_unanswered = skip_unanswered
-        self.val_size = val_size
-        self.instruction = instruction
-        self._converted: dict[str, list[TaskRecord]] = {}
-
-    def _file_records(self, path: str) -> list[TaskRecord]:
-        if path not in self._converted:
-            self._converted[path] = load_mcqa(path, self.system_prompt, cop_base=self.cop_base,
-                                              skip_unanswered=self.skip_unanswered, instruction=self.instruction)
-        return self._converted[path]
-
-    def _heldout_ids(self, records: list[TaskRecord]) -> set[str]:
-        if self.val_size >= len(records):
-            raise DataError(f"val_size={self.val_size} leaves no training rows ({len(records)} in the file)",
-                            path=self.train_file, field="data.val_size")
-        order = list(range(len(records)))
-        random.Random(f"mcqa-val:{self.seed}").shuffle(order)
-        return {records[i].id for i in order[: self.val_size]}
-
-    def load_split_records(self, split: str) -> list[TaskRecord] | None:
-        if split in ("train", "val") and self.val_size and self.train_file:
-            records = self._file_records(self.train_file)
-            held = self._heldout_ids(records)
-            return [r for r in records if (r.id in held) == (split == "val")]
-        path = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
-        return self._file_records(path) if path else None
-
-    def split_source(self, split: str) -> str:
-        if split == "val" and self.val_size and self.train_file:
-            return f"{self.train_file} (val_size={self.val_size} held-out rows)"
-        return super().split_source(split)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lightning_ctx.data.mcqa",
+    p = argparse.ArgumentParser(prog="python -m lightning_ctx.tasks.mcqa.convert",
                                 description="Convert MedMCQA-style rows to {id, context, prompt, answer} records.")
     p.add_argument("input", help="raw JSONL (or JSON array) file")
     p.add_argument("output", help="records JSONL to write")

@@ -26,7 +26,7 @@ Splits
 The 1000 possible inputs are split, by a fixed permutation that does not depend on any seed, into
 disjoint pools: ``train`` (800 inputs), ``val`` (100) and ``test`` (100). ``make_records`` draws
 the inputs of a split only from that split's pool, so val/test inputs are never train inputs for any
-seed. The pretrained base (``lightning_ctx.models.world``) is trained on ``train``-pool inputs only
+seed. The pretrained base (``lightning_ctx.tasks.world.pretrain``) is trained on ``train``-pool inputs only
 and evaluated on the 200 held-out ``val`` + ``test`` inputs. The seed picks and orders the inputs:
 ``n <= pool size`` draws without replacement; larger ``n`` concatenates independent reshuffles of the
 pool (so inputs repeat). The inputs depend on ``(seed, split)`` but not on the context, so records of
@@ -39,9 +39,7 @@ Record ids are ``world-{context}-{split}-{i}`` with spaces in the context replac
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from pathlib import Path
 from typing import Iterable, Sequence
 
 BASE_OPS: tuple[str, ...] = ("ADD1", "ADD2", "ADD3", "ADD4", "REV")
@@ -273,15 +271,6 @@ def make_world_split(target_context: str, n_train: int, n_val: int, n_test: int,
         "val": make_records(target_context, n_val, seed, "val"),
         "test": make_records(target_context, n_test, seed, "test"),
     }
-
-
-def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
