@@ -9,6 +9,9 @@ configuration (``--group-by``, default task / target context / model; see ``KEY_
 (``model.anchor_weight`` 0 = OPD, > 0 = anchored), averages the final ``eval/*`` metrics over seeds and
 prints a paper-style table with deltas and "harm reduced in N of M configurations"; it also writes
 ``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` to ``--out-dir``.
+
+Every run records the installed versions of the main libraries as tags ``version/<name>``
+(:data:`VERSION_PACKAGES`, plus ``version/python``); ``compare`` warns when the compared runs differ in them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,40 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 DEFAULT_STORE_DIR = "mlruns"
 DEFAULT_EXPERIMENT = "lightning-ctx"
+
+#: Distributions whose installed version every run records as the tag ``version/<name>`` (with ``python``).
+VERSION_PACKAGES = ("torch", "lightning", "transformers", "tokenizers", "mlflow", "torchmetrics", "peft",
+                    "bitsandbytes", "lightning-ctx")
+VERSION_TAG_PREFIX = "version/"
+NOT_INSTALLED = "not installed"
+
+
+def installed_versions() -> dict[str, str]:
+    """``{"python": "3.11.7", "torch": "2.13.0+cpu", ..., "peft": "not installed"}`` for :data:`VERSION_PACKAGES`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = NOT_INSTALLED
+    return out
+
+
+def version_tags() -> dict[str, str]:
+    """:func:`installed_versions` as MLflow tags: ``{"version/torch": "2.13.0+cpu", ...}``."""
+    return {f"{VERSION_TAG_PREFIX}{k}": v for k, v in installed_versions().items()}
 
 
 def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
@@ -53,6 +82,7 @@ class MLflowLogger(MLFlowLogger):
                  artifact_location: Optional[str] = None, run_id: Optional[str] = None,
                  log_model: bool = False, prefix: str = "", synchronous: Optional[bool] = None):
         uri = tracking_uri or default_tracking_uri()
+        tags = {**(tags or {}), **version_tags()}  # a new run gets them at creation (see ``experiment``)
         store = _sqlite_dir(uri)
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
@@ -62,6 +92,24 @@ class MLflowLogger(MLFlowLogger):
                          save_dir=str(store) if store is not None else None, log_model=log_model, prefix=prefix,
                          artifact_location=artifact_location, run_id=run_id, synchronous=synchronous)
         self._store_dir = store
+        self._versions_tagged = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The MlflowClient (rank 0 only; other ranks get Lightning's dummy). On first use the run gets the tags
+        ``version/<library>`` (:func:`version_tags`); a resumed run whose versions changed keeps its original tags
+        and gets the new ones as ``resumed/version/<library>``."""
+        client = MLFlowLogger.experiment.fget(self)
+        if not self._versions_tagged and self._run_id is not None:
+            self._versions_tagged = True
+            existing = client.get_run(self._run_id).data.tags
+            for key, value in version_tags().items():
+                if key not in existing:
+                    client.set_tag(self._run_id, key, value)
+                elif existing[key] != value and existing.get(f"resumed/{key}") != value:
+                    client.set_tag(self._run_id, f"resumed/{key}", value)
+        return client
 
     @property
     def save_dir(self) -> Optional[str]:
@@ -345,7 +393,35 @@ def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_
         summary[method] = per_metric
     return {"configs": configs, "methods": method_order, "summary": summary, "skipped": skipped,
             "group_by": list(group_by), "metrics": list(metrics), "baseline": baseline,
-            "metric_prefix": metric_prefix, "n_runs": len(used)}
+            "metric_prefix": metric_prefix, "n_runs": len(used), "version_differences": version_differences(used)}
+
+
+def version_differences(runs: list) -> dict[str, dict[str, list[str]]]:
+    """Libraries whose ``version/<name>`` tag differs between ``runs``: ``{name: {version: [run ids]}}``.
+
+    A run without the tag (logged before versions were recorded) counts as ``unrecorded``; a library no run
+    recorded is not reported.
+    """
+    values: dict[str, dict[str, list[str]]] = {}
+    names = sorted({k[len(VERSION_TAG_PREFIX):] for r in runs for k in r.data.tags if k.startswith(VERSION_TAG_PREFIX)})
+    for name in names:
+        per: dict[str, list[str]] = {}
+        for r in runs:
+            per.setdefault(r.data.tags.get(f"{VERSION_TAG_PREFIX}{name}", "unrecorded"), []).append(r.info.run_id)
+        if len(per) > 1:
+            values[name] = per
+    return values
+
+
+def version_warning(differences: dict[str, dict[str, list[str]]]) -> Optional[str]:
+    """One line naming each library whose version differs between the compared runs (None if none does)."""
+    if not differences:
+        return None
+    parts = []
+    for name, per in differences.items():
+        parts.append(f"{name} " + " / ".join(f"{v} ({len(ids)} run{'s' if len(ids) != 1 else ''})"
+                                             for v, ids in sorted(per.items())))
+    return "warning: the compared runs differ in library versions: " + "; ".join(parts)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -361,6 +437,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             better, comparable = result["summary"][method][m]
             if comparable:
                 lines.append(f"{prefix}{_summary_verb(m)} in {better} of {comparable} configurations")
+    warning = version_warning(result.get("version_differences") or {})
+    if warning:
+        lines.append(warning)
     return lines
 
 

@@ -207,3 +207,31 @@ def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(c
 
 def opt_of(job, name):
     return job.argv[job.argv.index(name) + 1]
+
+
+def test_compare_warns_when_runs_differ_in_library_versions(store, mlflow_uri, tmp_path, capsys):
+    """Runs record ``version/<library>`` tags; comparing runs made with different versions says so."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("versions")
+    metrics = FINAL[("SHOW", "0.0", 0)]
+    old = _log_run(client, exp, "SHOW", "0.0", 0, metrics)
+    new = _log_run(client, exp, "SHOW", "0.5", 0, metrics)
+    for rid, torch_version in ((old, "2.12.0+cpu"), (new, "2.13.0+cpu")):
+        client.set_tag(rid, "version/torch", torch_version)
+        client.set_tag(rid, "version/transformers", "5.24.0")  # equal: not reported
+    out = tmp_path / "cmp"
+    assert compare_main(["--tracking-uri", store, "--experiment", "versions", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    line = [ln for ln in text.splitlines() if "differ in library versions" in ln]
+    assert line == ["warning: the compared runs differ in library versions: "
+                    "torch 2.12.0+cpu (1 run) / 2.13.0+cpu (1 run)"]
+    assert line[0] in (out / "compare.md").read_text()
+    result = json.loads((out / "compare.json").read_text())
+    assert result["version_differences"] == {"torch": {"2.12.0+cpu": [old], "2.13.0+cpu": [new]}}
+
+    # Same versions everywhere: no warning.
+    client.set_tag(old, "version/torch", "2.13.0+cpu")
+    assert compare_main(["--tracking-uri", store, "--experiment", "versions", "--out-dir", str(out)]) == 0
+    assert "differ in library versions" not in capsys.readouterr().out
