@@ -17,8 +17,8 @@ LOCK_ARGS = $(if $(LOCK),-c $(LOCK))
 # declares (scripts/min_constraints.py turns each `>=X` into `==X`; the lock is not used).
 VENV_MIN ?= .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
-MIN_TESTS ?= tests/test_install.py tests/test_compare.py tests/test_world.py tests/test_cli.py \
-	tests/test_metrics.py tests/test_objectives.py tests/test_scale.py tests/test_records.py
+MIN_TESTS ?= tests/test_install.py tests/test_compare.py tests/tasks/world tests/test_cli.py \
+	tests/eval/test_metrics.py tests/test_objectives.py tests/test_scale.py tests/data/test_records.py
 MIN_RUN_DIR ?= $(VENV_MIN)/fit
 
 .PHONY: install test demo bench lock test-min clean

@@ -15,7 +15,8 @@ clipping, no gradient checkpointing (TRL defaults it on; turned off for parity),
 timed from the trainer's step-begin to step-end hook (rollout + teacher + student forward/backward +
 optimizer), in wall time and in CPU time of the process (``time.process_time``; one thread, so CPU time
 is the work done and does not count time spent waiting for a core that another process holds: on a shared
-machine it is the fairer measure). The first ``--skip`` steps of each run are dropped. Differences that remain: our teacher
+machine it is the fairer measure). The first ``--skip`` steps of each run are dropped. Differences that
+remain: our teacher
 scores with the one-token context (the point of context distillation; TRL's teacher sees the prompt
 only) and ours runs under a Lightning ``Trainer``, TRL's under an HF ``Trainer``.
 

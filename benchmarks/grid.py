@@ -25,10 +25,11 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "experiments/world_opd.yaml"

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from pathlib import Path
-
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError
-from lightning_ctx.textfiles import read_text
 from lightning_ctx.knobs import Check, ConfigError, at_least, check_class_args
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
 from lightning_ctx.progress import StepProgressBar
+from lightning_ctx.textfiles import read_text
 from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
 
 USER_ERRORS = (DataError, ModelError, TrackingError)
@@ -53,8 +52,9 @@ def resolve_config(ref: str, relative_to: Optional[Path] = None) -> Path:
         if relative_to is not None and not path.is_absolute():
             path = relative_to / path
     if not path.is_file():
-        raise ConfigError("config file does not exist" + (f" (from the defaults of {relative_to})" if relative_to else ""),
-                          path=path, field="defaults" if relative_to else "--config")
+        where = f" (from the defaults of {relative_to})" if relative_to else ""
+        raise ConfigError(f"config file does not exist{where}", path=path,
+                          field="defaults" if relative_to else "--config")
     return path
 
 
@@ -186,8 +186,8 @@ def check_knobs(cfg, argv: list[str]) -> None:
         except (ImportError, AttributeError, ValueError):
             return None  # jsonargparse reports unknown classes itself
 
-    sections = [(OnPolicyDistillation, cfg.get("model"), "model."), (RunCheckpoint, cfg.get("checkpoint"), "checkpoint."),
-                (TrainerKnobs, cfg.get("trainer"), "trainer.")]
+    sections = [(OnPolicyDistillation, cfg.get("model"), "model."),
+                (RunCheckpoint, cfg.get("checkpoint"), "checkpoint."), (TrainerKnobs, cfg.get("trainer"), "trainer.")]
     data = cfg.get("data")
     if data is not None and getattr(data, "class_path", None):
         sections.append((cls_of(data.class_path), data.get("init_args"), "data."))
@@ -344,7 +344,7 @@ class ContextCLI(LightningCLI):
 
 # Subcommands outside LightningCLI: name -> "module:function" taking argv (imported lazily).
 EXTRA_COMMANDS = {
-    "compare": "lightning_ctx.tracking:compare_main",
+    "compare": "lightning_ctx.compare_report:compare_main",
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
 }
 

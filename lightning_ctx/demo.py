@@ -2,8 +2,9 @@
 
 Arms: the world task base stacked with each method file shipped in the package (``builtin:world.yaml``
 + ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as ``experiments/world_*.yaml``):
-plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention term. Each run is a normal ``lightning-ctx fit`` (in this process, to pay the
-import cost once), tracked in ``./mlruns``; the table is read back from MLflow.
+plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention term. Each run is a normal
+``lightning-ctx fit`` (in this process, to pay the import cost once), tracked in ``./mlruns``; the table is
+read back from MLflow.
 
     python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 150] [--arms opd anchored retain]
 """

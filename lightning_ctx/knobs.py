@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 from lightning_ctx.errors import ConfigError
 from lightning_ctx.textfiles import file_problem

@@ -9,8 +9,9 @@ module supplies the DDP one), so it can be called on plain models in tests and n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Optional
 
 import torch
 
@@ -56,7 +57,7 @@ class DistillationLoss:
     retain_weight: float = 0.0
 
     @classmethod
-    def from_hparams(cls, hparams: Mapping, vocab_size: int) -> "DistillationLoss":
+    def from_hparams(cls, hparams: Mapping, vocab_size: int) -> DistillationLoss:
         names = [f for f in cls.__dataclass_fields__ if f != "vocab_size"]
         return cls(vocab_size=vocab_size, **{n: hparams[n] for n in names if n in hparams})
 

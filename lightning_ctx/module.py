@@ -18,13 +18,13 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.checkpointing import RNG_KEY, add_run_state, restore_rng_states, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
-from lightning_ctx.models.scoring import response_logits
-from lightning_ctx.models.loading import DTYPES, ModelError
-from lightning_ctx.models.teachers import build_student_and_teacher
+from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss
+from lightning_ctx.models.loading import DTYPES, ModelError
+from lightning_ctx.models.scoring import response_logits
+from lightning_ctx.models.teachers import build_student_and_teacher
 from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 
@@ -79,7 +79,8 @@ class OnPolicyDistillation(pl.LightningModule):
             that one float32 ``[B, chunk, V]`` block is at most ``auto_chunk_mib`` MiB (256: chunk 27 for
             B = 16, V = 151936). Smaller vocabularies stay unchunked. ``auto_chunk: false`` = never chunk
             unless ``chunk_size`` is set. Chunked losses equal unchunked ones (they are recomputed in backward).
-        anchor_direction: ``forward`` (paper) | ``reverse`` | ``symmetric``; ``detach_anchor``: stop-gradient on the anchor.
+        anchor_direction: ``forward`` (paper) | ``reverse`` | ``symmetric``; ``detach_anchor``: stop-gradient on
+            the anchor.
         max_new_tokens / temperature / top_p / top_k: rollout sampling; ``rollout_engine``: ``hf`` (``generate``) |
             ``hf_static`` (static KV cache, compiled on a GPU) | ``loop`` (lean decode loop, fastest on a CPU) |
             ``hf_static_nocompile`` | ``hf_static_compile``; see ``lightning_ctx.rollout``.

@@ -48,8 +48,9 @@ loss; they only make the samples slightly off-policy.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -90,7 +91,8 @@ class Rollout:
         return int(self.response_mask.sum())
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def response_mask_from_ids(response_ids: torch.Tensor,
+                           eos_token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask through the first EOS (inclusive); returns ``(mask, lengths, finished)``."""
     eos = torch.as_tensor(list(eos_token_ids), device=response_ids.device)
     is_eos = torch.isin(response_ids, eos)
@@ -209,8 +211,7 @@ class DecodeLoopEngine:
     @torch.no_grad()
     def generate(self, model, prompt_ids, prompt_mask, settings, eos_token_ids, pad_token_id):
         from transformers import DynamicCache
-        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                            TopPLogitsWarper)
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         warpers = []
         if not settings.greedy:
@@ -247,8 +248,8 @@ class DecodeLoopEngine:
             if step + 1 == settings.max_new_tokens or not bool(unfinished.any()):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
-                        use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,  # noqa: F841
+                        use_cache=True)  # (read at the top of the next step; ruff misses it across the `del`)
             next_pos = next_pos + 1
         return torch.cat([prompt_ids, torch.stack(tokens, dim=1)], dim=1)
 

@@ -26,7 +26,8 @@ DATA_MODULES = (
     ("lightning_ctx.data.datamodule.ContextPairDataModule", "JSONL files with `{id, context, prompt, answer}` records "
                                                             "(the default)"),
     ("lightning_ctx.tasks.world.WorldDataModule", "the built-in rule world, records generated from seeds"),
-    ("lightning_ctx.tasks.mcqa.MCQADataModule", "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
+    ("lightning_ctx.tasks.mcqa.MCQADataModule",
+     "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
     ("lightning_ctx.tasks.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
 )
 CALLBACK = "lightning_ctx.eval.ContextRemovabilityCallback"
@@ -208,7 +209,8 @@ def render() -> str:
     out += [
         f"## `trainer.callbacks`: `{CALLBACK}`",
         "",
-        "The context-removability evaluation (metrics `eval/*`, `ref/*`, per-example tables and plots). Add it in YAML:",
+        "The context-removability evaluation (metrics `eval/*`, `ref/*`, per-example tables and plots). "
+        "Add it in YAML:",
         "",
         "```yaml",
         "trainer:",

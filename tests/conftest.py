@@ -1,5 +1,4 @@
 import json
-import random
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: str(save_tiny_checkpoint(root / fam, fam, seed=1)) for fam in ("qwen2", "llama")}
-
-
-def make_records(n, context="ADD2", seed=0, prefix="r"):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        digits = " ".join(rng.choice("0123456789") for _ in range(3))
-        out.append({"id": f"{prefix}{i}", "context": context, "prompt": digits, "answer": digits})
-    return out
 
 
 @pytest.fixture
@@ -60,3 +50,23 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_template_db):
     mlflow.set_tracking_uri(uri)  # mlflow's module-level URI outlives a test: reset it for each one
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def _fits_are_marked_slow(request, monkeypatch):
+    """Every test that fits a model is marked ``slow`` (``pytest -m "not slow"`` is the quick subset): a test
+    whose ``Trainer.fit`` runs without the mark fails, so the marks cannot drift. Tests that fit in a
+    subprocess are marked by hand."""
+    import lightning.pytorch as pl
+
+    real_fit = pl.Trainer.fit
+    fitted = []
+
+    def fit(self, *args, **kwargs):
+        fitted.append(True)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    yield
+    if fitted and request.node.get_closest_marker("slow") is None:
+        pytest.fail("this test fits a model: mark it @pytest.mark.slow")

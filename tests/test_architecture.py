@@ -32,7 +32,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             # ``from pkg import sub`` depends on the submodule; on the package itself only for names it defines
             subs = [f"{base}.{alias.name}" for alias in node.names]
             targets = subs + ([base] if any(t not in known for t in subs) else [])

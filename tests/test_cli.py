@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lightning_ctx.cli import main
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 
 def _fit(student, train, extra=()):
@@ -24,6 +24,7 @@ def _only_run(uri):
     return runs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("anchor", [0.0, 0.5])
 def test_fit_logs_loss_terms_to_mlflow(tiny_dirs, jsonl_file, mlflow_uri, family, anchor):

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from lightning_ctx.tracking import compare_main, key_sources, method_labels, short_label
+from lightning_ctx.compare import key_sources, method_labels, short_label
+from lightning_ctx.compare_report import compare_main
 
 # (target, anchor weight, seed) -> final metrics; SHOW: anchored harm lower, ADD2: not lower
 FINAL = {
@@ -168,7 +169,7 @@ def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(c
     import shlex
     from types import SimpleNamespace
 
-    from lightning_ctx.tracking import run_value
+    from lightning_ctx.compare import run_value
 
     grid = _load_grid()
     args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
@@ -181,13 +182,15 @@ def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(c
     assert argv[argv.index("fit") - 1].endswith(("lightning-ctx", "lightning_ctx.cli"))
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
     assert configs[0].endswith("experiments/world_opd.yaml") and configs[1].endswith("experiments/grid/eval.yaml")
-    assert (opt("--data.target_context"), opt("--seed_everything"), opt("--model.anchor_weight")) == ("ADD1 REV", "1", "0.5")
+    chosen = (opt("--data.target_context"), opt("--seed_everything"), opt("--model.anchor_weight"))
+    assert chosen == ("ADD1 REV", "1", "0.5")
     assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
     assert argv[-2:] == ["--data.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
     # both methods for every (target, seed)
     pairs = {(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
     for j in jobs:
-        pairs[(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))].add(opt_of(j, "--model.anchor_weight"))
+        key = (opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))
+        pairs[key].add(opt_of(j, "--model.anchor_weight"))
     assert all(v == {"0", "0.5"} for v in pairs.values()) and len(pairs) == 4
 
     # the tags it sets are what compare groups by
@@ -200,7 +203,7 @@ def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(c
     assert "seed" in cmp_seed.argv[cmp_seed.argv.index("--group-by") + 1].split(",")
 
     assert grid.main(["--dry-run", "--targets", "SHOW", "--seeds", "3"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert len(lines) == 2 + 2  # two fits, two compares
     assert shlex.split(lines[1])[2:] == grid.fit_jobs(grid.parse_args(["--targets", "SHOW", "--seeds", "3"]))[1].argv
 

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 6

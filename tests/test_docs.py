@@ -51,8 +51,8 @@ def test_readme_make_commands_exist():
 
 def test_readme_paths_and_modules_exist():
     text = README.read_text()
-    for path in set(re.findall(r"\b((?:experiments|notebooks|scripts|docs|benchmarks)/[\w./-]+\.(?:yaml|ipynb|py|md|jsonl|txt))",
-                               text)):
+    pattern = r"\b((?:experiments|notebooks|scripts|docs|benchmarks)/[\w./-]+\.(?:yaml|ipynb|py|md|jsonl|txt))"
+    for path in set(re.findall(pattern, text)):
         assert (REPO / path).exists(), f"README mentions {path}, which does not exist"
     for module in set(re.findall(r"python -m ([\w.]+)", text)):
         if module.split(".")[0] in ("lightning_ctx", "benchmarks"):

@@ -50,8 +50,8 @@ def _family(config: Path) -> str:
 @pytest.fixture(scope="module")
 def mcqa_students(tmp_path_factory):
     """Tiny Qwen2 / Llama checkpoints whose word-level vocabulary covers the sample data (no [UNK])."""
-    from lightning_ctx.tasks.mcqa.convert import MEDICAL_SYSTEM_PROMPT, load_mcqa
     from lightning_ctx.models.tiny import save_tiny_checkpoint
+    from lightning_ctx.tasks.mcqa.convert import MEDICAL_SYSTEM_PROMPT, load_mcqa
 
     words = sorted({w for r in load_mcqa(SAMPLE, MEDICAL_SYSTEM_PROMPT) for w in (r.context + " " + r.prompt).split()})
     root = tmp_path_factory.mktemp("mcqa_students")
@@ -72,6 +72,7 @@ def _final_examples(uri: str, run_id: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", MCQA_CONFIGS, ids=lambda p: p.stem)
 def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_uri):
     from lightning_ctx.tasks.mcqa.convert import MEDICAL_SYSTEM_PROMPT
@@ -106,6 +107,7 @@ def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_u
     assert all(e["correct_ctx"] == ChoiceVerifier()(e["response_ctx"], e["answer"]) for e in examples)
 
 
+@pytest.mark.slow
 def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
     from lightning_ctx.tasks.frozenlake.rules import frozenlake_verifier, parse_map
 
@@ -124,6 +126,7 @@ def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
         assert e["correct_no_ctx"] == frozenlake_verifier(e["response_no_ctx"], e["answer"])
 
 
+@pytest.mark.slow
 def test_frozenlake_jsonl_with_verifier_flag(tiny_dirs, mlflow_uri, tmp_path):
     """The generic path: exported JSONL files + ``--data.verifier frozenlake``."""
     from lightning_ctx.tasks.frozenlake.rules import write_splits
@@ -133,3 +136,69 @@ def test_frozenlake_jsonl_with_verifier_flag(tiny_dirs, mlflow_uri, tmp_path):
           "--data.verifier", "frozenlake", "--data.batch_size", "4", "--model.anchor_weight", "0.5", *FAST])
     m = _single_run("lightning-ctx").data.metrics
     assert all(math.isfinite(m[k]) for k in ("train/loss", "train/opd", "train/anchor"))
+
+
+BUILTIN = sorted((REPO / "lightning_ctx" / "configs").rglob("*.yaml"))
+
+
+def _readme_fit_commands() -> list[list[str]]:
+    """Every ``lightning-ctx fit ...`` command of the README (continuation lines joined), as argv."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        if "lightning-ctx fit" in line and "--config" in line:
+            cmd = line.split("lightning-ctx fit", 1)[1].split("#", 1)[0].split("`", 1)[0]
+            out.append(shlex.split(cmd))
+    return out
+
+
+def test_builtin_method_files_stack_on_the_world_base(capsys):
+    from lightning_ctx.cli import expand_configs
+
+    assert {p.relative_to(REPO / "lightning_ctx" / "configs").as_posix() for p in BUILTIN} >= {
+        "world.yaml", "methods/opd.yaml", "methods/anchored.yaml", "methods/anchored_retain.yaml"}
+    # the quickstart file names are the same stacks as the builtin files
+    argv = expand_configs(["fit", "--config", str(EXPERIMENTS / "world_anchored_retain.yaml")])
+    configs = [Path(argv[i + 1]).name for i, a in enumerate(argv) if a == "--config"]
+    assert configs == ["world.yaml", "anchored_retain.yaml", "world_anchored_retain.yaml"]
+    for method, weights in (("opd", ("0.0", "0.0")), ("anchored", ("0.5", "0.0")), ("anchored_retain", ("0.5", "0.5"))):
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", "builtin:world.yaml", "--config", f"builtin:methods/{method}.yaml",
+                  "--print_config"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert f"anchor_weight: {weights[0]}" in out and f"retain_weight: {weights[1]}" in out
+        assert ("retain_others: true" in out) == (method == "anchored_retain")
+        assert "class_path: lightning_ctx.tasks.world.WorldDataModule" in out
+
+
+def test_every_config_combination_the_readme_shows_parses(capsys):
+    commands = _readme_fit_commands()
+    assert len(commands) >= 6
+    for argv in commands:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", *argv, "--print_config"])
+        assert info.value.code == 0, (argv, capsys.readouterr().err)
+        capsys.readouterr()
+
+
+def test_defaults_errors_name_the_file(tmp_path, capsys):
+    from lightning_ctx.cli import expand_configs
+    from lightning_ctx.errors import ConfigError
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("defaults: [b.yaml]\n")
+    b.write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        expand_configs(["fit", "--config", str(a)])
+    b.write_text("defaults: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml.*does not exist \(from the defaults of"):
+        expand_configs(["fit", "--config", str(a)])
+    b.write_text("defaults: builtin:world.yaml\n")
+    with pytest.raises(ConfigError, match="field 'defaults': must be a list"):
+        expand_configs(["fit", "--config", str(a)])
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "builtin:nope.yaml"])
+    assert info.value.code == 2 and "nope.yaml" in capsys.readouterr().err

@@ -2,32 +2,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from lightning_ctx.data.datamodule import PairCollator
-from lightning_ctx.data.records import TaskRecord
-from lightning_ctx.data.render import PromptRenderer
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
 from lightning_ctx.optim import lr_lambda
-from lightning_ctx.rollout import Rollout, response_mask_from_ids
-
-
-def _batch(module):
-    recs = [TaskRecord("a", "ADD2 REV", "1 2 3", "x"), TaskRecord("b", "SHOW", "4 5", "x"),
-            TaskRecord("c", "ADD1", "7 8 9", "x")]
-    return PairCollator(PromptRenderer(module.tokenizer), module.pad_token_id)(recs)
-
-
-def _fixed_rollout(module, batch):
-    eos, pad = module.tokenizer.eos_token_id, module.pad_token_id
-    resp = torch.tensor([[10, 11, eos, pad], [12, eos, pad, pad], [13, 14, 15, 16]])
-    mask, lengths, finished = response_mask_from_ids(resp, [eos])
-    return Rollout(batch.prompt_ids, batch.prompt_mask, resp, mask, lengths, finished)
-
-
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+from tests.helpers import fixed_rollout, perturb, tiny_batch
 
 
 def _row_logits(model, prefix_ids, prefix_mask, response):
@@ -41,10 +18,10 @@ def _row_logits(model, prefix_ids, prefix_mask, response):
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_loss_equals_objectives_by_hand(tiny_dirs, family):
     module = OnPolicyDistillation(student=tiny_dirs[family], anchor_weight=0.5)
-    _perturb(module.student)  # student != teacher, so every term is non-trivial
+    perturb(module.student)  # student != teacher, so every term is non-trivial
     module.student.eval()
-    batch = _batch(module)
-    rollout = _fixed_rollout(module, batch)
+    batch = tiny_batch(module)
+    rollout = fixed_rollout(module, batch)
     terms = module.compute_losses(batch, rollout)
     opd_sum, anchor_sum, n = 0.0, 0.0, 0
     with torch.no_grad():
@@ -65,9 +42,9 @@ def test_loss_equals_objectives_by_hand(tiny_dirs, family):
 
 def test_no_anchor_term_when_disabled_and_gradients(tiny_dirs):
     module = OnPolicyDistillation(student=tiny_dirs["qwen2"], anchor_weight=0.0)
-    _perturb(module.student)
-    batch = _batch(module)
-    terms = module.compute_losses(batch, _fixed_rollout(module, batch))
+    perturb(module.student)
+    batch = tiny_batch(module)
+    terms = module.compute_losses(batch, fixed_rollout(module, batch))
     assert "anchor" not in terms and terms["loss"] is terms["opd"]
     terms["loss"].backward()
     assert all(p.grad is None for p in module.teacher.parameters())
@@ -76,7 +53,7 @@ def test_no_anchor_term_when_disabled_and_gradients(tiny_dirs):
 
 def test_training_step_rejects_nonfinite(tiny_dirs, monkeypatch):
     module = OnPolicyDistillation(student=tiny_dirs["qwen2"], anchor_weight=0.5, max_new_tokens=4)
-    batch = _batch(module)
+    batch = tiny_batch(module)
     real = module.compute_losses
 
     def poisoned(*args, **kwargs):
@@ -104,8 +81,8 @@ def test_teacher_with_padded_vocab_is_trimmed(tmp_path, tiny_dirs):
     padded = save_tiny_checkpoint(tmp_path / "padded", "qwen2", seed=3, vocab_padding=16)
     module = OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher=str(padded))
     assert module.vocab_size == module.student.config.vocab_size
-    batch = _batch(module)
-    assert torch.isfinite(module.compute_losses(batch, _fixed_rollout(module, batch))["loss"])
+    batch = tiny_batch(module)
+    assert torch.isfinite(module.compute_losses(batch, fixed_rollout(module, batch))["loss"])
 
 
 def test_lr_schedule():

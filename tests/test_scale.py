@@ -5,13 +5,13 @@ import torch
 
 from lightning_ctx import objectives
 from lightning_ctx.data.render import left_pad
-from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
-from lightning_ctx.models.loading import ModelError, load_causal_lm
-from lightning_ctx.models.teachers import BaseWeightsTeacher
 from lightning_ctx.loss import auto_chunk_size
+from lightning_ctx.models.loading import ModelError, load_causal_lm
+from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
+from lightning_ctx.models.teachers import BaseWeightsTeacher
 from lightning_ctx.module import OnPolicyDistillation
 from lightning_ctx.rollout import SamplingSettings, build_engine, sample_responses
-from tests.test_module import _batch, _fixed_rollout, _perturb
+from tests.helpers import fixed_rollout, perturb, tiny_batch
 
 
 def _ctx_inputs(module, batch, rollout):
@@ -39,8 +39,8 @@ def test_lora_base_teacher_is_the_base_model_and_keeps_student_modes(tiny_dirs):
     modes = {name: m.training for name, m in student.named_modules()}
     assert student.training and not all(modes.values())
 
-    batch = _batch(module)
-    rollout = _fixed_rollout(module, batch)
+    batch = tiny_batch(module)
+    rollout = fixed_rollout(module, batch)
     ctx_in = _ctx_inputs(module, batch, rollout)
     teacher_logits = module._teacher_logits(ctx_in)
     assert {name: m.training for name, m in student.named_modules()} == modes
@@ -94,9 +94,9 @@ def test_quantized_teacher_on_cpu(real_shaped_dir, kind, layer):
     q_proj = module.teacher.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer and q_proj.weight.element_size() == 1
     assert not any(p.requires_grad for p in module.teacher.parameters())
-    _perturb(module.student)
-    batch = _batch(module)
-    rollout = _fixed_rollout(module, batch)
+    perturb(module.student)
+    batch = tiny_batch(module)
+    rollout = fixed_rollout(module, batch)
     ctx_in = _ctx_inputs(module, batch, rollout)
     quant, exact = module._teacher_logits(ctx_in), full._teacher_logits(ctx_in)
     # quantization error, not a different model: close in log-prob space relative to the signal
@@ -149,12 +149,12 @@ def test_adamw8bit_step_matches_adamw_direction(tmp_path):
     mods = {name: OnPolicyDistillation(student=path, optimizer=name, lr=1e-2) for name in ("adamw", "adamw8bit")}
     updates = {}
     for name, module in mods.items():
-        _perturb(module.student)
+        perturb(module.student)
         opt = module.configure_optimizers()["optimizer"]
         assert isinstance(opt, bnb.optim.AdamW8bit) == (name == "adamw8bit")
         before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
-        batch = _batch(module)
-        module.compute_losses(batch, _fixed_rollout(module, batch))["loss"].backward()
+        batch = tiny_batch(module)
+        module.compute_losses(batch, fixed_rollout(module, batch))["loss"].backward()
         opt.step()
         updates[name] = torch.cat([(p.detach() - before[n]).flatten() for n, p in module.student.named_parameters()])
         if name == "adamw8bit":
@@ -255,9 +255,9 @@ def test_auto_chunk_picks_a_chunk_for_a_big_vocab_and_matches_unchunked(tmp_path
                         lambda *a, **k: seen.append(k["chunk_size"]) or real(*a, **k))
     results = {}
     for name, module in (("auto", auto), ("plain", plain)):
-        _perturb(module.student)
-        batch = _batch(module)
-        terms = module.compute_losses(batch, _fixed_rollout(module, batch))
+        perturb(module.student)
+        batch = tiny_batch(module)
+        terms = module.compute_losses(batch, fixed_rollout(module, batch))
         terms["loss"].backward()
         results[name] = (terms, [p.grad.clone() for p in module.student.parameters()])
     assert seen == [2, None]

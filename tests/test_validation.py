@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from lightning_ctx.cli import main
 from lightning_ctx.models.loading import load_tokenizer
 from lightning_ctx.module import OnPolicyDistillation
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 GOOD = json.dumps({"id": "a", "context": "ADD2", "prompt": "1 2 3", "answer": "1 2 3"})
 
@@ -30,7 +30,7 @@ def _expect_user_error(capsys, uri, fn, *needles):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [l for l in err.strip().splitlines() if l.startswith("lightning-ctx")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("lightning-ctx")]
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -138,6 +138,7 @@ def poison_step(monkeypatch):
     return install
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_checkpoint(tiny_dirs, jsonl_file, mlflow_uri, capsys, poison_step):
     poison_step(2)
     path = jsonl_file(make_records(8))
@@ -155,6 +156,7 @@ def test_nonfinite_loss_stops_with_checkpoint(tiny_dirs, jsonl_file, mlflow_uri,
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, poison_step):
     poison_step(3)
     path = jsonl_file(make_records(8))
@@ -299,8 +301,8 @@ def test_jsonl_reader_takes_bom_crlf_and_line_separators_inside_strings(tmp_path
 
 
 def test_mcqa_system_prompt_file_must_be_utf8_text(tmp_path):
-    from lightning_ctx.tasks.mcqa.convert import read_system_prompt
     from lightning_ctx.errors import DataError
+    from lightning_ctx.tasks.mcqa.convert import read_system_prompt
 
     bad = tmp_path / "prompt.txt"
     bad.write_bytes(b"You are a doctor.\n\xff\xfe\n")

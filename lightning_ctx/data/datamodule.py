@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import random
-
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl

@@ -7,9 +7,10 @@ bad line is found in the first second of a run, not at step 900.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lightning_ctx.errors import DataError
 from lightning_ctx.textfiles import read_json_lines
@@ -29,7 +30,7 @@ class TaskRecord:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_dict(cls, obj: Any, *, path: str | Path | None = None, line: int | None = None) -> "TaskRecord":
+    def from_dict(cls, obj: Any, *, path: str | Path | None = None, line: int | None = None) -> TaskRecord:
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
         for name in REQUIRED_FIELDS:

@@ -8,7 +8,7 @@ response ids, so slicing each at its own ``P`` gives ``[B, R, V]`` blocks that l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ check before training that every gold answer is something the verifier can read.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Verifier = Callable[[str, str], bool]
 

@@ -8,8 +8,14 @@
 
 from lightning_ctx.eval.callback import ContextRemovabilityCallback
 from lightning_ctx.eval.evaluator import EvalResult, EvalSettings, Evaluator, References, Sharding
-from lightning_ctx.eval.metrics import (REMOVABILITY_KEYS, ContextRemovability, HiddenCosine, MeanTokenKL,
-                                        RemovabilityMetrics, Retention)
+from lightning_ctx.eval.metrics import (
+                                        REMOVABILITY_KEYS,
+                                        ContextRemovability,
+                                        HiddenCosine,
+                                        MeanTokenKL,
+                                        RemovabilityMetrics,
+                                        Retention,
+)
 
 __all__ = ["ContextRemovabilityCallback", "Evaluator", "EvalResult", "EvalSettings", "References", "Sharding",
            "ContextRemovability", "MeanTokenKL", "HiddenCosine", "Retention", "RemovabilityMetrics",

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -190,13 +191,13 @@ class Evaluator(ResponseDecoder):
         self.progress = progress
 
     @classmethod
-    def from_datamodule(cls, dm, **kwargs) -> "Evaluator":
+    def from_datamodule(cls, dm, **kwargs) -> Evaluator:
         """The data module's tokenizer, renderer and verifier (``dm.connect(tokenizer)`` done before)."""
         dm.validate()
         return cls(dm.tokenizer, dm.verifier, dm.renderer, **kwargs)
 
     @classmethod
-    def for_module(cls, pl_module, renderer, verifier, settings: EvalSettings, **kwargs) -> "Evaluator":
+    def for_module(cls, pl_module, renderer, verifier, settings: EvalSettings, **kwargs) -> Evaluator:
         """The ids, engine, logit width and device of an ``OnPolicyDistillation`` module."""
         return cls(pl_module.tokenizer, verifier, renderer, eos_token_ids=pl_module.eos_token_ids,
                    pad_token_id=pl_module.pad_token_id, engine=getattr(pl_module, "engine", None),

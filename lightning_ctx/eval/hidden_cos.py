@@ -99,7 +99,8 @@ class HiddenCosine(SumMetric):
                 raise ValueError(f"layer {k}: h_no_ctx shape {tuple(a.shape)} != h_ctx shape {tuple(b.shape)}")
             if mask is not None:
                 if a.shape[:-1] != mask.shape:
-                    raise ValueError(f"layer {k}: hidden shape {tuple(a.shape)} does not match mask {tuple(mask.shape)}")
+                    raise ValueError(f"layer {k}: hidden shape {tuple(a.shape)} does not match mask "
+                                     f"{tuple(mask.shape)}")
                 sel = mask.to(a.device) != 0
                 a, b = a[sel], b[sel]
             elif a.ndim != 2:

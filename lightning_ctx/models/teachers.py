@@ -7,7 +7,14 @@ import copy
 from typing import Optional
 
 from lightning_ctx.errors import ModelError
-from lightning_ctx.models.loading import apply_lora, freeze, output_vocab_size, load_causal_lm, load_quantized_teacher, load_tokenizer
+from lightning_ctx.models.loading import (
+    apply_lora,
+    freeze,
+    load_causal_lm,
+    load_quantized_teacher,
+    load_tokenizer,
+    output_vocab_size,
+)
 from lightning_ctx.models.scoring import eval_mode
 
 TEACHER_BASE = "base"  # model.teacher: the LoRA student's base weights with the adapter disabled

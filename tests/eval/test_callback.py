@@ -11,9 +11,8 @@ import torch
 import yaml
 from lightning.pytorch.loggers import Logger
 
-from conftest import make_records
 from lightning_ctx.eval import ContextRemovabilityCallback
-from tests.eval.test_evaluator import MAX_NEW, make_dm, scripted_decode, scripted_task
+from tests.helpers import MAX_NEW, make_dm, make_records, scripted_decode, scripted_task
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +103,7 @@ def _fit(tiny_dirs, jsonl_file, callback, max_steps):
     return logger
 
 
+@pytest.mark.slow
 def test_step_zero_evaluation_is_logged_at_step_zero_by_default(tiny_dirs, jsonl_file):
     cb = ContextRemovabilityCallback(every_n_steps=2, log_artifacts=False, progress=False)
     assert cb.eval_at_start  # the default: curves start at the initial model
@@ -123,6 +123,7 @@ EVAL_KEYS = ["acc_no_ctx", "acc_ctx", "harm", "help", "both_correct", "len_no_ct
              "retention", "other_ctx_acc"]
 
 
+@pytest.mark.slow
 def test_fit_logs_metrics_and_artifacts_to_mlflow(tiny_dirs, jsonl_file, mlflow_uri, tmp_path):
     from mlflow import MlflowClient
 

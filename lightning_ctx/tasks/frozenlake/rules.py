@@ -1,4 +1,5 @@
-"""FrozenLake as a text game (the OPCD paper's experiential-knowledge task); game, generator and verifier are pure Python.
+"""FrozenLake as a text game (the OPCD paper's experiential-knowledge task); game, generator and verifier are
+pure Python.
 
 The prompt shows a grid map; the model answers with a sequence of moves; a verifier plays them.
 
@@ -36,9 +37,10 @@ import json
 import random
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from lightning_ctx.data.records import TaskRecord, write_jsonl
 

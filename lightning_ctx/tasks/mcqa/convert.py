@@ -27,7 +27,8 @@ Accepted raw rows (one JSON object per line, or one JSON array):
 ``id`` is kept when the row has one, else ``<id_prefix><line>``; ``subject_name`` / ``topic_name``
 are kept as extra fields. Convert files with::
 
-    python -m lightning_ctx.tasks.mcqa.convert raw.jsonl records.jsonl --system-prompt-file experiments/data/medmcqa_system_prompt.txt
+    python -m lightning_ctx.tasks.mcqa.convert raw.jsonl records.jsonl \
+        --system-prompt-file experiments/data/medmcqa_system_prompt.txt
 
 or read raw files directly with :class:`MCQADataModule` (``data.class_path:
 lightning_ctx.tasks.mcqa.MCQADataModule``), which converts on the fly.
@@ -38,14 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
 from lightning_ctx.textfiles import read_json_lines, read_text
 
 __all__ = ["MEDICAL_SYSTEM_PROMPT", "ANSWER_INSTRUCTION", "format_mcq_prompt", "row_to_record", "convert_rows",
-           "read_rows", "load_mcqa", "read_system_prompt", "MCQADataModule", "main"]
+           "read_rows", "load_mcqa", "read_system_prompt", "main"]
 
 LETTERS = "ABCDEFGHIJ"
 MEDMCQA_OPTION_KEYS = ("opa", "opb", "opc", "opd", "ope")

@@ -36,8 +36,8 @@ class MCQADataModule(ContextPairDataModule):
                  system_prompt_file: Optional[str] = None, cop_base: int = 0, skip_unanswered: bool = False,
                  val_size: int = 0, instruction: str = ANSWER_INSTRUCTION, tokenizer: Optional[str] = None,
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024,
-                 template: str = "auto", retain_contexts: Optional[list[str]] = None, max_eval_items: Optional[int] = None,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+                 template: str = "auto", retain_contexts: Optional[list[str]] = None,
+                 max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
         check_class_args(MCQADataModule, locals(), "data.")
         super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,

@@ -4,7 +4,8 @@ without a context (the no-context mixture it should have learnt)."""
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +13,7 @@ from lightning_ctx.data.render import left_pad
 from lightning_ctx.models.scoring import eval_mode
 from lightning_ctx.tasks.world import rules as W
 from lightning_ctx.tasks.world.tokenizer import MAX_NEW_TOKENS, answer_ids, render_prompt_ids
+
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompt_rows: list[list[int]], batch_size: int = 1024,

@@ -72,7 +72,7 @@ def load_world_base(path: str | Path = WORLD_BASE_DIR):
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no world model at {path}: run `python -m lightning_ctx.tasks.world.pretrain --out {path}`")
+        raise FileNotFoundError(f"no world model at {path}: run `lightning-ctx pretrain-world --out {path}`")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     model.eval()

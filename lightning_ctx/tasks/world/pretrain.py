@@ -16,8 +16,9 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -26,6 +27,7 @@ from lightning_ctx.tasks.world import rules as W
 from lightning_ctx.tasks.world.evaluate import evaluate_world_model, no_context_report
 from lightning_ctx.tasks.world.model import build_world_model, count_parameters
 from lightning_ctx.tasks.world.tokenizer import answer_ids, build_world_tokenizer, render_messages, render_prompt_ids
+
 
 class WorldBatches(torch.utils.data.IterableDataset):
     """Endless, seeded stream of pretraining batches (already collated; use ``batch_size=None``).
@@ -245,7 +247,8 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
                   "parameters": count_parameters(model), "tie_word_embeddings": True,
                   "max_position_embeddings": model.config.max_position_embeddings},
         "training": {"max_steps": max_steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps,
-                     "schedule": "linear warmup + cosine to 5%", "optimizer": f"AdamW(0.9, 0.98), weight decay {weight_decay} (matrices), grad clip 1.0",
+                     "schedule": "linear warmup + cosine to 5%",
+                     "optimizer": f"AdamW(0.9, 0.98), weight decay {weight_decay} (matrices), grad clip 1.0",
                      "p_no_context": p_no_context, "train_inputs": "train pool (800 of 1000 inputs)",
                      "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))},
         "eval_protocol": (f"greedy decoding with model.generate (left padding), {eval_n_per_context} held-out "

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 BASE_OPS: tuple[str, ...] = ("ADD1", "ADD2", "ADD3", "ADD4", "REV")
 SHOW = "SHOW"
@@ -264,7 +264,8 @@ def make_records(context: str, n: int, seed: int = 0, split: str = "train") -> l
     ]
 
 
-def make_world_split(target_context: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
+def make_world_split(target_context: str, n_train: int, n_val: int, n_test: int,
+                     seed: int = 0) -> dict[str, list[dict]]:
     """``{"train": [...], "val": [...], "test": [...]}`` for one target context, disjoint inputs."""
     return {
         "train": make_records(target_context, n_train, seed, "train"),

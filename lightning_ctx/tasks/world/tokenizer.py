@@ -8,8 +8,6 @@ with ``PreTrainedTokenizerFast.from_pretrained``, not ``AutoTokenizer`` (docs/de
 
 from __future__ import annotations
 
-
-
 from lightning_ctx.tasks.world import rules as W
 
 PAD, BOS, EOT, UNK = "<pad>", "<bos>", "<eot>", "<unk>"

@@ -4,11 +4,19 @@ import json
 
 import pytest
 
-from lightning_ctx.tasks.frozenlake.rules import (FrozenLakeVerifier, format_map, frozenlake_verifier,
-                                           make_frozenlake_records, parse_map, parse_moves, shortest_path, simulate)
-from lightning_ctx.tasks.frozenlake.rules import main as frozenlake_main
 from lightning_ctx.data.records import DataError, load_jsonl
 from lightning_ctx.data.verifiers import answer_parser, build_verifier
+from lightning_ctx.tasks.frozenlake.rules import (
+    FrozenLakeVerifier,
+    format_map,
+    frozenlake_verifier,
+    make_frozenlake_records,
+    parse_map,
+    parse_moves,
+    shortest_path,
+    simulate,
+)
+from lightning_ctx.tasks.frozenlake.rules import main as frozenlake_main
 
 # S F F F
 # F H F H

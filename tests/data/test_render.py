@@ -4,8 +4,8 @@ import torch
 from lightning_ctx.data.datamodule import PairCollator
 from lightning_ctx.data.records import DataError, TaskRecord
 from lightning_ctx.data.render import PromptRenderer, left_pad
-from lightning_ctx.models.scoring import join_prompt_and_response, position_ids_from_mask, response_logits
 from lightning_ctx.models.loading import load_causal_lm, load_tokenizer
+from lightning_ctx.models.scoring import join_prompt_and_response, position_ids_from_mask, response_logits
 
 
 def test_left_pad_and_positions():
@@ -45,7 +45,8 @@ def test_response_positions_line_up_with_unpadded_runs(tiny_dirs, family):
     for i, r in enumerate(responses):
         resp[i, :len(r)] = torch.tensor(r)
         rmask[i, :len(r)] = True
-    for prefix_ids, prefix_mask in ((batch.prompt_ids, batch.prompt_mask), (batch.ctx_prompt_ids, batch.ctx_prompt_mask)):
+    prefixes = ((batch.prompt_ids, batch.prompt_mask), (batch.ctx_prompt_ids, batch.ctx_prompt_mask))
+    for prefix_ids, prefix_mask in prefixes:
         with torch.no_grad():
             batched = response_logits(model, join_prompt_and_response(prefix_ids, prefix_mask, resp, rmask))
         assert batched.shape == (3, R, model.config.vocab_size)

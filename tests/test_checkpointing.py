@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import make_records
+from tests.helpers import make_records
 
 MAX_STEPS = 24
 
@@ -40,6 +41,7 @@ def _final_state(workdir):
     return runs, {m.step: m.value for m in history}, ckpt
 
 
+@pytest.mark.slow  # fits in subprocesses
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_dirs, mlflow_template_db):
     import json
     import shutil

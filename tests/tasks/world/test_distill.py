@@ -8,9 +8,10 @@ from mlflow.tracking import MlflowClient
 
 from lightning_ctx.cli import main
 
-CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "world_anchored_retain.yaml"
+CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "world_anchored_retain.yaml"
 
 
+@pytest.mark.slow
 def test_world_anchored_retain_fit(mlflow_uri):
     main(["fit", "--config", str(CONFIG), "--trainer.max_steps", "3", "--data.init_args.batch_size", "8",
           "--data.init_args.n_val", "20", "--data.init_args.retention_contexts", "2",
@@ -25,7 +26,8 @@ def test_world_anchored_retain_fit(mlflow_uri):
     history = {name: {p.step: p.value for p in client.get_metric_history(run.info.run_id, name)}
                for name in ("train/opd", "train/anchor", "train/retain", "train/loss")}
     for step, loss in history["train/loss"].items():
-        expected = history["train/opd"][step] + 0.5 * history["train/anchor"][step] + 0.5 * history["train/retain"][step]
+        expected = (history["train/opd"][step] + 0.5 * history["train/anchor"][step]
+                    + 0.5 * history["train/retain"][step])
         assert loss == pytest.approx(expected, rel=1e-5)
     # The evaluation callback ran at the end on held-out items, with retention from other contexts.
     for name in ("eval/acc_no_ctx", "eval/acc_ctx", "eval/harm", "eval/retention", "ref/teacher_acc_ctx"):

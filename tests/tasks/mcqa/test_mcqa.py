@@ -5,14 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ctx.tasks.mcqa import MCQADataModule
-from lightning_ctx.tasks.mcqa.convert import (MEDICAL_SYSTEM_PROMPT, convert_rows, format_mcq_prompt,
-                                     load_mcqa, row_to_record)
-from lightning_ctx.tasks.mcqa.convert import main as mcqa_main
 from lightning_ctx.data.records import DataError, load_jsonl
 from lightning_ctx.data.verifiers import build_verifier
+from lightning_ctx.tasks.mcqa import MCQADataModule
+from lightning_ctx.tasks.mcqa.convert import (
+    MEDICAL_SYSTEM_PROMPT,
+    convert_rows,
+    format_mcq_prompt,
+    load_mcqa,
+    row_to_record,
+)
+from lightning_ctx.tasks.mcqa.convert import main as mcqa_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "experiments" / "data" / "medmcqa_sample.jsonl"
 SYSTEM_PROMPT_FILE = REPO / "experiments" / "data" / "medmcqa_system_prompt.txt"
 

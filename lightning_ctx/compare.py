@@ -1,0 +1,269 @@
+"""The paper-style comparison of runs: per configuration and method, the final ``eval/*`` metrics averaged
+over seeds, deltas, and "harm reduced in N of M configurations".
+
+Runs are grouped by configuration (default task / target context / model; see ``KEY_SOURCES``) and method
+(``model.anchor_weight`` 0 = OPD, > 0 = anchored). Writing the report files and the ``lightning-ctx compare``
+command are in :mod:`lightning_ctx.compare_report`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_ctx.tracking import VERSION_TAG_PREFIX
+
+#: Metrics of the paper-style table (final values of ``{metric_prefix}{name}``).
+COMPARE_METRICS = ("acc_no_ctx", "acc_ctx", "harm", "len_inflation", "retention")
+#: How "better" reads for the summary lines: +1 higher is better, -1 lower, 0 closer to zero.
+METRIC_DIRECTION = {"acc_no_ctx": 1, "acc_ctx": 1, "harm": -1, "help": 1, "both_correct": 1, "len_inflation": 0,
+                    "retention": 1, "other_ctx_acc": 1, "ctx_kl": -1, "hidden_cos/mean": 1}
+#: Logical grouping keys -> where to read them, first present wins. ``tags.X`` = run tag, ``params.X`` = run
+#: param (the CLI logs the resolved config as ``cfg/<key>`` params and the module hparams unprefixed).
+KEY_SOURCES: dict[str, tuple[str, ...]] = {
+    "task": ("tags.task", "params.cfg/data.init_args.task", "params.cfg/data.init_args.train_file",
+             "params.cfg/data.class_path"),
+    "target": ("tags.target_context", "tags.target", "params.cfg/data.init_args.target_context",
+               "params.target_context"),
+    "model": ("tags.model", "params.cfg/model.student", "params.student"),
+    "seed": ("tags.seed", "params.cfg/seed_everything", "params.cfg/data.init_args.seed"),
+    "anchor_weight": ("tags.anchor_weight", "params.cfg/model.anchor_weight", "params.anchor_weight"),
+}
+DEFAULT_GROUP_BY = ("task", "target", "model")
+DEFAULT_METHOD_KEY = "anchor_weight"
+_MISSING = ("", "None", "null", "none")
+
+
+def key_sources(spec: str) -> tuple[str, ...]:
+    """A grouping key spec -> sources: an alias of ``KEY_SOURCES``, ``params.X``, ``tags.X``, or a bare
+    name ``X`` (param ``X``, then tag ``X``); ``a|b`` tries the specs in order."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split("|")):
+        if not part:
+            continue
+        if part in KEY_SOURCES:
+            out.extend(KEY_SOURCES[part])
+        elif part.startswith(("params.", "tags.")):
+            out.append(part)
+        else:
+            out.extend((f"params.{part}", f"tags.{part}"))
+    if not out:
+        raise ValueError(f"empty grouping key {spec!r}")
+    return tuple(out)
+
+
+def run_value(run, spec: str) -> Optional[str]:
+    """The first non-empty value of ``spec``'s sources in ``run`` (None if none is set)."""
+    for src in key_sources(spec):
+        kind, name = src.split(".", 1)
+        store = run.data.params if kind == "params" else run.data.tags
+        value = store.get(name)
+        if value is not None and str(value).strip() not in _MISSING:
+            return str(value)
+    return None
+
+
+def short_label(value: Optional[str]) -> str:
+    """Display form: paths -> last two components, dotted class paths -> class name, None -> '-'."""
+    if value is None:
+        return "-"
+    if "/" in value or os.sep in value:
+        parts = [p for p in Path(value).parts if p not in ("/", "")]
+        return "/".join(parts[-2:]) if parts else value
+    if value.count(".") >= 2 and " " not in value and not value.replace(".", "").isdigit():
+        return value.rsplit(".", 1)[1]
+    return value
+
+
+def method_labels(values: list[Optional[str]], baseline: str = "OPD", treated: str = "anchored") -> dict:
+    """Method key values -> names: 0 -> ``baseline``; > 0 -> ``treated`` (``treated(w)`` when several weights
+    occur); non-numeric values keep their own name; None -> ``?``."""
+    nums: dict[Optional[str], Optional[float]] = {}
+    for v in values:
+        try:
+            nums[v] = float(v) if v is not None else None
+        except ValueError:
+            nums[v] = None
+    positive = sorted({x for x in nums.values() if x is not None and x > 0})
+    out = {}
+    for v, x in nums.items():
+        if v is None:
+            out[v] = "?"
+        elif x is None:
+            out[v] = v
+        elif x == 0:
+            out[v] = baseline
+        else:
+            out[v] = treated if len(positive) == 1 else f"{treated}({x:g})"
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std, len(finite)
+
+
+def _cell(mean: float, std: float, n: int, runs: int, digits: int = 3) -> str:
+    """``mean ± std``; ``(n=k)`` when only k of the group's runs have a finite value; ``-`` when none has."""
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + (f" (n={n})" if n < runs else "")
+
+
+def _delta(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:+.3f}"
+
+
+def _pipe_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned Markdown pipe table (readable as plain text too)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def _better(metric: str, treated: float, baseline: float) -> bool:
+    d = METRIC_DIRECTION.get(metric, 1)
+    if d == 0:
+        return abs(treated) < abs(baseline)
+    return treated > baseline if d > 0 else treated < baseline
+
+
+def _summary_verb(metric: str) -> str:
+    d = METRIC_DIRECTION.get(metric, 1)
+    return {1: f"{metric} improved", -1: f"{metric} reduced", 0: f"|{metric}| reduced"}[d]
+
+
+def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_key: str = DEFAULT_METHOD_KEY,
+                 metrics: Sequence[str] = COMPARE_METRICS, metric_prefix: str = "eval/",
+                 baseline: str = "OPD") -> dict[str, Any]:
+    """Group MLflow runs by configuration and method, average the final metrics over seeds.
+
+    Returns ``{"configs": [{"key": {...}, "methods": {name: {"runs": [...], "metrics": {m: {mean, std, n}}}},
+    "deltas": {name: {m: delta}}}], "methods": [...], "summary": {name: {m: (improved, comparable)}},
+    "skipped": [run ids without any metric of the prefix]}``.
+    """
+    used, skipped = [], []
+    for run in runs:
+        if any(k.startswith(metric_prefix) for k in run.data.metrics):
+            used.append(run)
+        else:
+            skipped.append(run.info.run_id)
+    raw_methods = [run_value(r, method_key) for r in used]
+    labels = method_labels(raw_methods, baseline=baseline)
+    groups: dict[tuple, dict[str, list]] = {}
+    for run, raw in zip(used, raw_methods):
+        key = tuple(run_value(run, g) for g in group_by)
+        groups.setdefault(key, {}).setdefault(labels[raw], []).append(run)
+    method_order = sorted({m for g in groups.values() for m in g}, key=lambda m: (m != baseline, m))
+    configs = []
+    for key in sorted(groups, key=lambda k: tuple("" if v is None else v for v in k)):
+        entry = {"key": dict(zip(group_by, key)), "methods": {}, "deltas": {}}
+        for method in method_order:
+            rs = groups[key].get(method)
+            if not rs:
+                continue
+            stats = {}
+            for m in metrics:
+                mean, std, n = _mean_std([r.data.metrics.get(f"{metric_prefix}{m}", math.nan) for r in rs])
+                stats[m] = {"mean": mean, "std": std, "n": n}
+            entry["methods"][method] = {"runs": [r.info.run_id for r in rs],
+                                        "seeds": [run_value(r, "seed") for r in rs], "metrics": stats}
+        base = entry["methods"].get(baseline)
+        for method, data in entry["methods"].items():
+            if method == baseline or base is None:
+                continue
+            entry["deltas"][method] = {m: data["metrics"][m]["mean"] - base["metrics"][m]["mean"] for m in metrics}
+        configs.append(entry)
+    summary: dict[str, dict[str, tuple[int, int]]] = {}
+    for method in method_order:
+        if method == baseline:
+            continue
+        per_metric = {}
+        for m in metrics:
+            better = comparable = 0
+            for c in configs:
+                if method not in c["methods"] or baseline not in c["methods"]:
+                    continue
+                t = c["methods"][method]["metrics"][m]["mean"]
+                b = c["methods"][baseline]["metrics"][m]["mean"]
+                if math.isnan(t) or math.isnan(b):
+                    continue
+                comparable += 1
+                better += _better(m, t, b)
+            per_metric[m] = (better, comparable)
+        summary[method] = per_metric
+    return {"configs": configs, "methods": method_order, "summary": summary, "skipped": skipped,
+            "group_by": list(group_by), "metrics": list(metrics), "baseline": baseline,
+            "metric_prefix": metric_prefix, "n_runs": len(used), "version_differences": version_differences(used)}
+
+
+def version_differences(runs: list) -> dict[str, dict[str, list[str]]]:
+    """Libraries whose ``version/<name>`` tag differs between ``runs``: ``{name: {version: [run ids]}}``.
+
+    A run without the tag (logged before versions were recorded) counts as ``unrecorded``; a library no run
+    recorded is not reported.
+    """
+    values: dict[str, dict[str, list[str]]] = {}
+    names = sorted({k[len(VERSION_TAG_PREFIX):] for r in runs for k in r.data.tags if k.startswith(VERSION_TAG_PREFIX)})
+    for name in names:
+        per: dict[str, list[str]] = {}
+        for r in runs:
+            per.setdefault(r.data.tags.get(f"{VERSION_TAG_PREFIX}{name}", "unrecorded"), []).append(r.info.run_id)
+        if len(per) > 1:
+            values[name] = per
+    return values
+
+
+def version_warning(differences: dict[str, dict[str, list[str]]]) -> Optional[str]:
+    """One line naming each library whose version differs between the compared runs (None if none does)."""
+    if not differences:
+        return None
+    parts = []
+    for name, per in differences.items():
+        parts.append(f"{name} " + " / ".join(f"{v} ({len(ids)} run{'s' if len(ids) != 1 else ''})"
+                                             for v, ids in sorted(per.items())))
+    return "warning: the compared runs differ in library versions: " + "; ".join(parts)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """``harm reduced in N of M configurations`` (and the other metrics), per non-baseline method."""
+    lines = []
+    treated = [m for m in result["methods"] if m != result["baseline"]]
+    order = ["harm"] + [m for m in result["metrics"] if m != "harm"]
+    for method in treated:
+        prefix = "" if len(treated) == 1 else f"{method}: "
+        for m in order:
+            if m not in result["summary"][method]:
+                continue
+            better, comparable = result["summary"][method][m]
+            if comparable:
+                lines.append(f"{prefix}{_summary_verb(m)} in {better} of {comparable} configurations")
+    warning = version_warning(result.get("version_differences") or {})
+    if warning:
+        lines.append(warning)
+    return lines
+
+
+def format_compare_table(result: dict[str, Any]) -> str:
+    header = list(result["group_by"]) + ["method", "runs"] + list(result["metrics"])
+    rows = []
+    for c in result["configs"]:
+        key_cells = [short_label(c["key"][g]) for g in result["group_by"]]
+        first = True
+        for method, data in c["methods"].items():
+            cells = key_cells if first else [""] * len(key_cells)
+            rows.append(cells + [method, str(len(data["runs"]))]
+                        + [_cell(**{k: data["metrics"][m][k] for k in ("mean", "std", "n")}, runs=len(data["runs"]))
+                           for m in result["metrics"]])
+            first = False
+        for method, delta in c["deltas"].items():
+            rows.append([""] * len(key_cells) + [f"Δ {method} − {result['baseline']}", ""]
+                        + [_delta(delta[m]) for m in result["metrics"]])
+    return _pipe_table(header, rows)
