@@ -1,16 +1,18 @@
-"""Reproduce the paper-style table on the embedded rule world: OPD vs anchored OPD over a grid.
+"""Reproduce the paper-style table on the embedded rule world: OPD, anchored OPD and anchored OPD + retention.
 
-For every target context x seed it runs ``lightning-ctx fit`` twice -- anchor weight 0 (plain OPD) and
-the anchored weight (0.5 by default) -- from ``experiments/world_opd.yaml``, all logged to one MLflow
-experiment, then ``lightning-ctx compare`` twice: averaged over seeds per target (the paper table) and per
-(target, seed) (the "harm reduced in N of 12 configurations" count: 4 targets x 3 seeds).
+For every target context x seed it runs ``lightning-ctx fit`` once per method -- the world task base
+(``builtin:world.yaml``) stacked with each method file (``builtin:methods/{opd,anchored,anchored_retain}.yaml``)
+-- all logged to one MLflow experiment, then ``lightning-ctx compare`` twice: averaged over seeds per target
+(the paper table) and per (target, seed) (the "harm reduced in N of 12 configurations" and "retention >= 0.9
+in N of 12" counts: 4 targets x 3 seeds).
 
     python benchmarks/grid.py --dry-run                      # print the commands
-    python benchmarks/grid.py --steps 150 --jobs 2           # run the grid, then compare
-    python benchmarks/grid.py --targets SHOW ADD2 --seeds 0 1 --steps 50 -- --data.n_train 512
+    python benchmarks/grid.py --jobs 2                       # run the grid, then compare
+    python benchmarks/grid.py --targets SHOW ADD2 --seeds 0 1 --methods opd anchored -- --model.lr 1e-3
 
-Every run gets the tags ``grid``, ``target_context``, ``seed`` and ``anchor_weight`` (``compare`` groups by
-them) and the run name ``<target>-w<weight>-s<seed>``. The config must log to MLflow (the CLI default);
+Every run gets the tags ``grid``, ``task``, ``target_context``, ``seed`` and ``method`` (``compare`` groups by
+them; it tells the methods apart by the logged anchor and retain weights) and the run name
+``<target>-<method>-s<seed>``. The config must log to MLflow (the CLI default);
 ``experiments/grid/eval.yaml`` (``--eval-config``) adds ``lightning_ctx.eval.ContextRemovabilityCallback``,
 whose final ``eval/*`` metrics ``compare`` reads. ``--extra-config`` adds more YAML overlays; arguments
 after ``--`` go to every fit.
@@ -32,11 +34,11 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = "experiments/world_opd.yaml"
+DEFAULT_CONFIG = "builtin:world.yaml"
 DEFAULT_EVAL_CONFIG = "experiments/grid/eval.yaml"  # adds ContextRemovabilityCallback (the eval/* metrics)
 DEFAULT_TARGETS = ("SHOW", "ADD2", "REV", "ADD1 SHOW")
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_WEIGHTS = (0.0, 0.5)
+METHODS = ("opd", "anchored", "anchored_retain")  # builtin:methods/<name>.yaml
 
 
 @dataclass
@@ -57,14 +59,14 @@ def cli_prefix() -> list[str]:
 
 
 def resolve_config(path: str) -> str:
-    """As given when it exists from the current directory, else relative to the repository root."""
-    if Path(path).exists() or Path(path).is_absolute() or not (REPO / path).exists():
+    """As given when it exists from the current directory (or is ``builtin:``), else relative to the repo root."""
+    if path.startswith("builtin:") or Path(path).exists() or Path(path).is_absolute() or not (REPO / path).exists():
         return path
     return str(REPO / path)
 
 
-def run_name(target: str, weight: float, seed: int) -> str:
-    return f"{target.replace(' ', '_')}-w{weight:g}-s{seed}"
+def run_name(target: str, method: str, seed: int) -> str:
+    return f"{target.replace(' ', '_')}-{method}-s{seed}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS),
                    help="target contexts (quote multi-word ones; default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: %(default)s")
-    p.add_argument("--anchor-weights", nargs="+", type=float, default=list(DEFAULT_WEIGHTS),
-                   help="model.anchor_weight values; 0 = OPD (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="method files (builtin:methods/<name>.yaml); opd is the baseline (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the config's)")
     p.add_argument("--experiment", default="world-grid", help="MLflow experiment name (default: %(default)s)")
     p.add_argument("--grid-tag", default=None, help="value of the runs' 'grid' tag (default: the experiment name)")
@@ -103,13 +105,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.extra = args.extra[1:]
     if args.jobs < 1 or args.threads_per_job < 1:
         raise SystemExit("grid.py: --jobs and --threads-per-job must be >= 1")
-    if not any(w == 0 for w in args.anchor_weights) or not any(w > 0 for w in args.anchor_weights):
-        raise SystemExit("grid.py: --anchor-weights needs 0 (OPD) and at least one positive weight")
+    if "opd" not in args.methods or len(args.methods) < 2:
+        raise SystemExit("grid.py: --methods needs opd (the baseline) and at least one other method")
     return args
 
 
 def fit_jobs(args: argparse.Namespace) -> list[Job]:
-    """One ``fit`` per (target, seed, anchor weight), targets outermost (a partial grid is still comparable)."""
+    """One ``fit`` per (target, seed, method), targets outermost (a partial grid is still comparable)."""
     env = {"OMP_NUM_THREADS": str(args.threads_per_job), "MKL_NUM_THREADS": str(args.threads_per_job)}
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
@@ -117,15 +119,14 @@ def fit_jobs(args: argparse.Namespace) -> list[Job]:
     jobs = []
     for target in args.targets:
         for seed in args.seeds:
-            for weight in args.anchor_weights:
-                name = run_name(target, weight, seed)
-                tags = {"grid": grid, "task": "world", "target_context": target, "seed": str(seed),
-                        "anchor_weight": f"{weight:g}"}
-                argv = cli_prefix() + ["fit", "--config", resolve_config(args.config)]
+            for method in args.methods:
+                name = run_name(target, method, seed)
+                tags = {"grid": grid, "task": "world", "target_context": target, "seed": str(seed), "method": method}
+                argv = cli_prefix() + ["fit", "--config", resolve_config(args.config),
+                                       "--config", f"builtin:methods/{method}.yaml"]
                 for extra in ([args.eval_config] if args.eval_config else []) + args.extra_config:
                     argv += ["--config", resolve_config(extra)]
                 argv += ["--data.target_context", target, "--seed_everything", str(seed),
-                         "--model.anchor_weight", f"{weight:g}",
                          "--trainer.logger.init_args.experiment_name", args.experiment,
                          "--trainer.logger.init_args.run_name", name,
                          "--trainer.logger.init_args.tags", _json(tags)]
@@ -199,11 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n_cfg = len(args.targets) * len(args.seeds)
     if args.dry_run:
         print(f"# {len(jobs)} fits: {len(args.targets)} targets x {len(args.seeds)} seeds "
-              f"({n_cfg} configurations) x anchor weights {args.anchor_weights}; {args.jobs} in parallel")
+              f"({n_cfg} configurations) x methods {args.methods}; {args.jobs} in parallel")
         for job in jobs + compares:
             print(job.shell())
         return 0
-    if not Path(resolve_config(args.config)).exists():
+    if not args.config.startswith("builtin:") and not Path(resolve_config(args.config)).exists():
         print(f"grid.py: config {args.config} not found", file=sys.stderr)
         return 2
     if args.skip_existing:

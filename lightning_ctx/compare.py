@@ -2,7 +2,7 @@
 over seeds, deltas, and "harm reduced in N of M configurations".
 
 Runs are grouped by configuration (default task / target context / model; see ``KEY_SOURCES``) and method
-(``model.anchor_weight`` 0 = OPD, > 0 = anchored). Writing the report files and the ``lightning-ctx compare``
+(``model.anchor_weight`` 0 = OPD, > 0 = anchored; ``+ retain`` when ``model.retain_weight`` > 0). Writing the report files and the ``lightning-ctx compare``
 command are in :mod:`lightning_ctx.compare_report`.
 """
 
@@ -31,7 +31,11 @@ KEY_SOURCES: dict[str, tuple[str, ...]] = {
     "model": ("tags.model", "params.cfg/model.student", "params.student"),
     "seed": ("tags.seed", "params.cfg/seed_everything", "params.cfg/data.init_args.seed"),
     "anchor_weight": ("tags.anchor_weight", "params.cfg/model.anchor_weight", "params.anchor_weight"),
+    "retain_weight": ("tags.retain_weight", "params.cfg/model.retain_weight", "params.retain_weight"),
 }
+#: ``retention >= RETENTION_KEPT`` counts as "the student still follows the other contexts".
+RETENTION_KEPT = 0.9
+RETAIN_SUFFIX = " + retain"
 DEFAULT_GROUP_BY = ("task", "target", "model")
 DEFAULT_METHOD_KEY = "anchor_weight"
 _MISSING = ("", "None", "null", "none")
@@ -140,6 +144,16 @@ def _summary_verb(metric: str) -> str:
     return {1: f"{metric} improved", -1: f"{metric} reduced", 0: f"|{metric}| reduced"}[d]
 
 
+def _retain_suffix(run, method_key: str) -> str:
+    """``" + retain"`` for a run with the retention term, when methods are told apart by the anchor weight."""
+    if method_key != DEFAULT_METHOD_KEY:
+        return ""
+    try:
+        return RETAIN_SUFFIX if float(run_value(run, "retain_weight") or 0) > 0 else ""
+    except ValueError:
+        return ""
+
+
 def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_key: str = DEFAULT_METHOD_KEY,
                  metrics: Sequence[str] = COMPARE_METRICS, metric_prefix: str = "eval/",
                  baseline: str = "OPD") -> dict[str, Any]:
@@ -160,7 +174,7 @@ def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_
     groups: dict[tuple, dict[str, list]] = {}
     for run, raw in zip(used, raw_methods):
         key = tuple(run_value(run, g) for g in group_by)
-        groups.setdefault(key, {}).setdefault(labels[raw], []).append(run)
+        groups.setdefault(key, {}).setdefault(labels[raw] + _retain_suffix(run, method_key), []).append(run)
     method_order = sorted({m for g in groups.values() for m in g}, key=lambda m: (m != baseline, m))
     configs = []
     for key in sorted(groups, key=lambda k: tuple("" if v is None else v for v in k)):
@@ -233,7 +247,8 @@ def version_warning(differences: dict[str, dict[str, list[str]]]) -> Optional[st
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """``harm reduced in N of M configurations`` (and the other metrics), per non-baseline method."""
+    """``harm reduced in N of M configurations`` (and the other metrics) per non-baseline method, and per
+    method ``retention >= 0.9 in N of M configurations`` (does it still follow the other contexts?)."""
     lines = []
     treated = [m for m in result["methods"] if m != result["baseline"]]
     order = ["harm"] + [m for m in result["metrics"] if m != "harm"]
@@ -245,6 +260,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             better, comparable = result["summary"][method][m]
             if comparable:
                 lines.append(f"{prefix}{_summary_verb(m)} in {better} of {comparable} configurations")
+    if "retention" in result["metrics"]:
+        for method in result["methods"]:
+            means = [c["methods"][method]["metrics"]["retention"]["mean"] for c in result["configs"]
+                     if method in c["methods"]]
+            means = [x for x in means if not math.isnan(x)]
+            if means:
+                kept = sum(x >= RETENTION_KEPT for x in means)
+                lines.append(f"{method}: retention >= {RETENTION_KEPT} in {kept} of {len(means)} configurations")
     warning = version_warning(result.get("version_differences") or {})
     if warning:
         lines.append(warning)

@@ -165,7 +165,7 @@ def _load_grid():
     return mod
 
 
-def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(capsys):
+def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(capsys):
     import shlex
     from types import SimpleNamespace
 
@@ -175,36 +175,35 @@ def test_grid_builds_one_fit_per_target_seed_weight_and_compare_reads_its_tags(c
     args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
                             "--experiment", "E", "--", "--data.n_train", "64"])
     jobs = grid.fit_jobs(args)
-    assert len(jobs) == 8 and len({j.name for j in jobs}) == 8
-    job = next(j for j in jobs if j.name == "ADD1_REV-w0.5-s1")
+    assert len(jobs) == 12 and len({j.name for j in jobs}) == 12
+    job = next(j for j in jobs if j.name == "ADD1_REV-anchored_retain-s1")
     argv = job.argv
     opt = lambda name: argv[argv.index(name) + 1]  # noqa: E731
     assert argv[argv.index("fit") - 1].endswith(("lightning-ctx", "lightning_ctx.cli"))
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
-    assert configs[0].endswith("experiments/world_opd.yaml") and configs[1].endswith("experiments/grid/eval.yaml")
-    chosen = (opt("--data.target_context"), opt("--seed_everything"), opt("--model.anchor_weight"))
-    assert chosen == ("ADD1 REV", "1", "0.5")
+    assert configs[:2] == ["builtin:world.yaml", "builtin:methods/anchored_retain.yaml"]
+    assert configs[2].endswith("experiments/grid/eval.yaml")
+    assert (opt("--data.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
     assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
     assert argv[-2:] == ["--data.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
-    # both methods for every (target, seed)
+    # the three methods for every (target, seed)
     pairs = {(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
     for j in jobs:
         key = (opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))
-        pairs[key].add(opt_of(j, "--model.anchor_weight"))
-    assert all(v == {"0", "0.5"} for v in pairs.values()) and len(pairs) == 4
+        pairs[key].add(json.loads(opt_of(j, "--trainer.logger.init_args.tags"))["method"])
+    assert all(v == {"opd", "anchored", "anchored_retain"} for v in pairs.values()) and len(pairs) == 4
 
     # the tags it sets are what compare groups by
     tags = json.loads(opt("--trainer.logger.init_args.tags"))
     fake = SimpleNamespace(data=SimpleNamespace(tags=tags, params={}))
-    assert (run_value(fake, "target"), run_value(fake, "seed"), run_value(fake, "anchor_weight"),
-            run_value(fake, "task")) == ("ADD1 REV", "1", "0.5", "world")
+    assert (run_value(fake, "target"), run_value(fake, "seed"), run_value(fake, "task")) == ("ADD1 REV", "1", "world")
     cmp_avg, cmp_seed = grid.compare_jobs(args)
     assert cmp_avg.argv[cmp_avg.argv.index("--filter") + 1] == f"tags.grid = '{tags['grid']}'"
     assert "seed" in cmp_seed.argv[cmp_seed.argv.index("--group-by") + 1].split(",")
 
     assert grid.main(["--dry-run", "--targets", "SHOW", "--seeds", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert len(lines) == 2 + 2  # two fits, two compares
+    assert len(lines) == 3 + 2  # three fits, two compares
     assert shlex.split(lines[1])[2:] == grid.fit_jobs(grid.parse_args(["--targets", "SHOW", "--seeds", "3"]))[1].argv
 
 
@@ -238,3 +237,32 @@ def test_compare_warns_when_runs_differ_in_library_versions(store, mlflow_uri, t
     client.set_tag(old, "version/torch", "2.13.0+cpu")
     assert compare_main(["--tracking-uri", store, "--experiment", "versions", "--out-dir", str(out)]) == 0
     assert "differ in library versions" not in capsys.readouterr().out
+
+
+def test_three_methods_and_retention_kept_counts(store):
+    """OPD, anchored and anchored + retain (the retain weight tells the last two apart); the retention line
+    counts configurations whose seed-mean retention is >= 0.9, per method."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from lightning_ctx.compare import compare_runs, summary_lines
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("three-methods")
+    # (target, anchor, retain) -> (harm, retention) for seeds 0 and 1
+    plan = {("SHOW", "0.0", "0.0"): [(0.3, 0.95), (0.1, 0.91)], ("SHOW", "0.5", "0.0"): [(0.0, 0.7), (0.0, 0.8)],
+            ("SHOW", "0.5", "0.5"): [(0.0, 1.0), (0.0, 0.98)], ("ADD2", "0.0", "0.0"): [(0.2, 0.8), (0.2, 0.9)],
+            ("ADD2", "0.5", "0.0"): [(0.0, 0.5), (0.1, 0.4)], ("ADD2", "0.5", "0.5"): [(0.3, 0.9), (0.3, 0.92)]}
+    for (target, anchor, retain), per_seed in plan.items():
+        for seed, (harm, retention) in enumerate(per_seed):
+            rid = _log_run(client, exp, target, anchor, seed, dict(harm=harm, retention=retention, acc_ctx=0.5))
+            client.log_batch(rid, params=[Param("cfg/model.retain_weight", retain)])
+    result = compare_runs(client.search_runs([exp]))
+    assert result["methods"] == ["OPD", "anchored", "anchored + retain"]
+    lines = summary_lines(result)
+    assert "anchored: harm reduced in 2 of 2 configurations" in lines
+    assert "anchored + retain: harm reduced in 1 of 2 configurations" in lines  # ADD2: 0.3 vs OPD's 0.2
+    # seed means: OPD SHOW 0.93, ADD2 0.85; anchored 0.75, 0.45; anchored + retain 0.99, 0.91
+    assert "OPD: retention >= 0.9 in 1 of 2 configurations" in lines
+    assert "anchored: retention >= 0.9 in 0 of 2 configurations" in lines
+    assert "anchored + retain: retention >= 0.9 in 2 of 2 configurations" in lines
