@@ -2,8 +2,8 @@
 over seeds, deltas, and "harm reduced in N of M configurations".
 
 Runs are grouped by configuration (default task / target context / model; see ``KEY_SOURCES``) and method
-(``model.anchor_weight`` 0 = OPD, > 0 = anchored; ``+ retain`` when ``model.retain_weight`` > 0). Writing the report files and the ``lightning-ctx compare``
-command are in :mod:`lightning_ctx.compare_report`.
+(``model.anchor_weight`` 0 = OPD, > 0 = anchored; ``+ retain`` when ``model.retain_weight`` > 0). Writing the
+report files and the ``lightning-ctx compare`` command are in :mod:`lightning_ctx.compare_report`.
 """
 
 from __future__ import annotations
