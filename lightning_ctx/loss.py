@@ -48,6 +48,7 @@ class DistillationLoss:
     scope: str = "full"
     topk: int = 256
     topk_union_teacher: bool = False
+    topk_renormalize: bool = False  # OPCD's default; the objectives' own default (True) is for direct callers
     chunk_size: Optional[int] = None
     auto_chunk: bool = True
     auto_chunk_mib: int = 256
@@ -73,7 +74,8 @@ class DistillationLoss:
             return objectives.sampled_token_loss(student_logits, teacher_lp, tokens, mask, chunk_size=chunk_size)
         return objectives.token_divergence(student_logits, teacher_logits, mask, kind=self.divergence,
                                            beta=self.jsd_beta, scope=self.scope, topk=self.topk,
-                                           chunk_size=chunk_size, topk_union_teacher=self.topk_union_teacher)
+                                           chunk_size=chunk_size, topk_union_teacher=self.topk_union_teacher,
+                                           topk_renormalize=self.topk_renormalize)
 
     def _teacher_term(self, student, teacher_fn: TeacherFn, student_in: ScoringInputs, teacher_in: ScoringInputs,
                       rollout: Rollout, chunk, token_scale: TokenScaleFn):
@@ -112,7 +114,8 @@ class DistillationLoss:
             anchor = objectives.anchored_consistency(student_logits, ctx_student_logits, mask,
                                                      direction=self.anchor_direction,
                                                      detach_anchor=self.detach_anchor, scope=self.scope,
-                                                     topk=self.topk, chunk_size=chunk)
+                                                     topk=self.topk, topk_renormalize=self.topk_renormalize,
+                                                     chunk_size=chunk)
             scale = token_scale(mask)
             out["anchor"] = anchor if scale is None else anchor * scale
             loss = loss + self.anchor_weight * out["anchor"]

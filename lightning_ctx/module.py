@@ -20,7 +20,7 @@ import torch
 
 from lightning_ctx.checkpointing import RNG_KEY, add_run_state, restore_rng_states, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
-from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
+from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss
 from lightning_ctx.models.loading import DTYPES, ModelError
 from lightning_ctx.models.scoring import response_logits
@@ -73,6 +73,11 @@ class OnPolicyDistillation(pl.LightningModule):
         divergence: ``reverse_kl`` | ``forward_kl`` | ``jsd`` | ``sampled`` (sampled-token estimator).
         jsd_beta: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).
         scope: ``full`` vocabulary or the student's ``topk`` indices (``topk``, ``topk_union_teacher``).
+        topk_renormalize: with ``scope: topk``, renormalise both distributions over the top-k index set
+            (OPCD's ``kl_renorm_topk``; off by default as in OPCD: full-vocabulary log-probs gathered at the
+            indices, a truncated sum). The paper's safety settings turn it on, MedMCQA leaves it off.
+        gradient_checkpointing: recompute the student's activations in backward (HF
+            ``gradient_checkpointing_enable``, non-reentrant): less memory for long responses on real models.
         chunk_size: sequence chunk for the KL terms (bounds float32 ``[B, chunk, V]`` memory); None = automatic
             (see ``auto_chunk``).
         auto_chunk / auto_chunk_mib: with ``chunk_size`` None and a vocabulary of >= 32768 entries, chunk so
@@ -99,6 +104,8 @@ class OnPolicyDistillation(pl.LightningModule):
         at_least("anchor_weight", 0), at_least("retain_weight", 0), within("jsd_beta", 0, 1),
         one_of("divergence", ("reverse_kl", "forward_kl", "jsd", "sampled")), one_of("scope", ("full", "topk")),
         at_least("topk", 1), at_least("chunk_size", 1), at_least("auto_chunk_mib", 1),
+        Check("topk_renormalize", lambda v: not v, "has no effect unless model.scope is topk",
+              when=lambda a: a["scope"] != "topk", hint="set model.scope: topk or model.topk_renormalize: false"),
         one_of("anchor_direction", ("forward", "reverse", "symmetric")),
         at_least("max_new_tokens", 1),
         above("temperature", 0, when=lambda a: not a["greedy_rollout"], hint="or set model.greedy_rollout: true"),
@@ -120,6 +127,7 @@ class OnPolicyDistillation(pl.LightningModule):
         scope: Literal["full", "topk"] = "full",
         topk: int = 256,
         topk_union_teacher: bool = False,
+        topk_renormalize: bool = False,
         chunk_size: Optional[int] = None,
         auto_chunk: bool = True,
         auto_chunk_mib: int = 256,
@@ -145,6 +153,7 @@ class OnPolicyDistillation(pl.LightningModule):
         trust_remote_code: bool = False,
         local_files_only: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        gradient_checkpointing: bool = False,
     ):
         check_class_args(OnPolicyDistillation, locals(), "model.")
         super().__init__()
@@ -155,6 +164,12 @@ class OnPolicyDistillation(pl.LightningModule):
         self.tokenizer, self.student, self.teacher, self.vocab_size = build_student_and_teacher(
             student, teacher, lora=lora, teacher_quantization=teacher_quantization, dtype=dtype,
             teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+        if gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
+            enable = getattr(self.student, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size)
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id

@@ -90,3 +90,53 @@ def test_lr_schedule():
     assert [round(f(s), 4) for s in (0, 3)] == [0.25, 1.0]
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
     assert lr_lambda(2, 10, "constant")(7) == 1.0
+
+
+def _topk_reverse_kl(s, t, k, renormalize):
+    """Reverse KL(s || t) over the student's top-k indices, by hand in float64 (OPCD's kl_renorm_topk)."""
+    idx = s.topk(k, dim=-1).indices
+    if renormalize:
+        ls, lt = torch.log_softmax(s.gather(-1, idx), -1), torch.log_softmax(t.gather(-1, idx), -1)
+    else:
+        ls, lt = torch.log_softmax(s, -1).gather(-1, idx), torch.log_softmax(t, -1).gather(-1, idx)
+    return (ls.exp() * (ls - lt)).sum().item()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_renormalize_reaches_opd_and_anchor(tiny_dirs, renormalize):
+    module = OnPolicyDistillation(student=tiny_dirs["qwen2"], anchor_weight=0.5, scope="topk", topk=5,
+                                  topk_renormalize=renormalize)
+    assert module.objective.topk_renormalize is renormalize
+    perturb(module.student)
+    module.student.eval()
+    batch = tiny_batch(module)
+    rollout = fixed_rollout(module, batch)
+    terms = module.compute_losses(batch, rollout)
+    opd_sum, anchor_sum, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(len(batch)):
+            resp = rollout.response_ids[i][rollout.response_mask[i]].tolist()
+            s = _row_logits(module.student, batch.prompt_ids[i], batch.prompt_mask[i], resp)
+            t = _row_logits(module.teacher, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
+            q = _row_logits(module.student, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
+            opd_sum += _topk_reverse_kl(s, t, 5, renormalize)
+            anchor_sum += _topk_reverse_kl(s, q, 5, renormalize)  # KL(sg s || q) over the anchor's top-k
+            n += len(resp)
+    assert terms["opd"].item() == pytest.approx(opd_sum / n, rel=1e-5)
+    assert terms["anchor"].item() == pytest.approx(anchor_sum / n, rel=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_loss(tiny_dirs):
+    grads = []
+    for checkpointing in (False, True):
+        module = OnPolicyDistillation(student=tiny_dirs["llama"], anchor_weight=0.5,
+                                      gradient_checkpointing=checkpointing)
+        student = module.student
+        assert getattr(student, "is_activation_checkpointing", None) in (checkpointing, None)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in student.modules()) is checkpointing
+        perturb(module.student)
+        module.student.train()
+        batch = tiny_batch(module)
+        module.compute_losses(batch, fixed_rollout(module, batch))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

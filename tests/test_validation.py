@@ -188,6 +188,7 @@ def no_model_loading(monkeypatch):
     (["--model.jsd_beta", "1.5"], ["field 'model.jsd_beta'", "[0, 1]"]),
     (["--model.scope", "topk", "--model.topk", "0"], ["field 'model.topk'", ">= 1"]),
     (["--model.chunk_size", "0"], ["field 'model.chunk_size'", ">= 1"]),
+    (["--model.topk_renormalize", "true"], ["field 'model.topk_renormalize'", "scope is topk", "scope: topk"]),
     (["--model.max_new_tokens", "0"], ["field 'model.max_new_tokens'", ">= 1"]),
     (["--model.temperature", "0"], ["field 'model.temperature'", "> 0", "greedy_rollout"]),
     (["--model.temperature", "-1", "--model.greedy_rollout", "false"], ["field 'model.temperature'"]),
