@@ -62,9 +62,9 @@ class ContextRemovabilityCallback(Callback):
         max_items: cap on evaluated items (None = the whole split); ``max_retention_items`` likewise.
         batch_size: prompts per decoding batch (None = the data module's ``eval_batch_size``).
         max_new_tokens: decoding budget (None = the module's ``max_new_tokens``).
-        num_samples: additionally draw this many samples per item at ``temperature`` / ``top_p``
-            and log ``{prefix}sampled/*`` (0 = greedy only). ``seed``: sampling seed (the training
-            RNG is left untouched).
+        num_samples: additionally draw this many samples per item at ``temperature`` / ``top_p`` / ``top_k``
+            (``top_k`` 0 = no top-k filter; OPCD's protocol is 1.0 / 0.95 / 20) and log ``{prefix}sampled/*``
+            (0 = greedy only). ``seed``: sampling seed (the training RNG is left untouched).
         hidden_layers: indices into HF's ``hidden_states`` (0 = embeddings, k = block k, negative
             from the end); None = every block ``1..L``.
         retention_file: JSONL of retention records (other contexts c' and their answers); without it
@@ -80,7 +80,8 @@ class ContextRemovabilityCallback(Callback):
         at_least("every_n_steps", 0), at_least("max_items", 1), at_least("batch_size", 1),
         at_least("max_new_tokens", 1), at_least("num_samples", 0),
         above("temperature", 0, when=lambda a: a["num_samples"] > 0, hint="sampled evaluation needs it"),
-        within("top_p", 0, 1, low_open=True), existing_file("retention_file"), at_least("max_retention_items", 1),
+        within("top_p", 0, 1, low_open=True), at_least("top_k", 0), existing_file("retention_file"),
+        at_least("max_retention_items", 1),
     )
 
     def __init__(
@@ -96,6 +97,7 @@ class ContextRemovabilityCallback(Callback):
         num_samples: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
         hidden_layers: Optional[list[int]] = None,
         retention: bool = True,
@@ -120,6 +122,7 @@ class ContextRemovabilityCallback(Callback):
         self.num_samples = num_samples
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
         self.seed = seed
         self.hidden_layers = list(hidden_layers) if hidden_layers is not None else None
         self.retention = retention
@@ -148,7 +151,7 @@ class ContextRemovabilityCallback(Callback):
         settings = EvalSettings(max_new_tokens=self.max_new_tokens or hp_new,
                                 batch_size=self.batch_size or int(getattr(dm, "eval_batch_size", 0) or 32),
                                 num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed, hidden_layers=self.hidden_layers)
+                                top_k=self.top_k, seed=self.seed, hidden_layers=self.hidden_layers)
         kwargs: dict[str, Any] = {"progress": self.progress}
         if trainer is not None:
             kwargs["sharding"] = Sharding(int(trainer.global_rank), int(trainer.world_size))

@@ -54,13 +54,15 @@ class EvalSettings:
     num_samples: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
     seed: int = 0  # sampling seed; the caller's RNG state is left untouched
     hidden_layers: Optional[list[int]] = None  # indices into hidden_states; None = every block
 
     def sampling(self, greedy: bool) -> SamplingSettings:
         if greedy:
             return SamplingSettings(max_new_tokens=self.max_new_tokens, greedy=True)
-        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k)
 
 
 @dataclass

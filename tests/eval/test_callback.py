@@ -169,3 +169,18 @@ def test_fit_logs_metrics_and_artifacts_to_mlflow(tiny_dirs, jsonl_file, mlflow_
     # the table agrees with the logged accuracy
     acc = sum(e["correct_ctx"] for e in payload["examples"]) / 3
     assert metrics["eval/acc_ctx"] == pytest.approx(acc)
+
+
+def test_sampled_evaluation_settings_reach_the_evaluator(module, jsonl_file):
+    """OPCD's protocol as callback knobs: n samples per item at temperature 1.0, top-p 0.95, top-k 20."""
+    dm = make_dm(module, jsonl_file, make_records(2, "ADD2"))
+    cb = ContextRemovabilityCallback(num_samples=3, temperature=1.0, top_p=0.95, top_k=20, progress=False)
+    ev = cb.make_evaluator(module, dm)
+    s = ev.settings
+    assert (s.num_samples, s.temperature, s.top_p, s.top_k) == (3, 1.0, 0.95, 20)
+    sampling = s.sampling(greedy=False)
+    assert (sampling.greedy, sampling.temperature, sampling.top_p, sampling.top_k) == (False, 1.0, 0.95, 20)
+    from lightning_ctx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_k"):
+        ContextRemovabilityCallback(top_k=-1)

@@ -88,10 +88,12 @@ def test_metrics_match_hand_counts_on_scripted_responses(module, jsonl_file):
     assert m_scalar["harm"] == pytest.approx(2 / 4)  # dict records work as well as TaskRecords
 
     # sampled decoding: same script -> same numbers under sampled/*, sampling settings passed through
-    ev2 = scripted_evaluator(module, dm, script, batch_size=4, num_samples=2, temperature=0.7)
+    ev2 = scripted_evaluator(module, dm, script, batch_size=4, num_samples=2, temperature=0.7, top_p=0.95, top_k=20)
     m2 = ev2.evaluate(module.student, dm.records("val")).metrics
     assert m2["sampled/harm"] == pytest.approx(2 / 4) and m2["sampled/acc_ctx"] == pytest.approx(0.5)
-    assert any(not s.greedy and s.temperature == 0.7 for _, s in ev2.calls)
+    sampled_settings = [s for _, s in ev2.calls if not s.greedy]
+    assert sampled_settings and all((s.temperature, s.top_p, s.top_k) == (0.7, 0.95, 20) for s in sampled_settings)
+    assert all(s.top_k == 0 for _, s in ev2.calls if s.greedy)
     assert "retention" not in m2
 
 
