@@ -51,6 +51,15 @@ def nonfinite_message(step: int, bad: str, terms: dict[str, torch.Tensor], saved
             + "; set model.on_nonfinite=skip to skip such steps instead")
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of an HF model (transformers 5 renamed gradient checkpointing)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when a loss term is NaN/inf; names the step and the term."""
 
@@ -73,11 +82,9 @@ class OnPolicyDistillation(pl.LightningModule):
         divergence: ``reverse_kl`` | ``forward_kl`` | ``jsd`` | ``sampled`` (sampled-token estimator).
         jsd_beta: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).
         scope: ``full`` vocabulary or the student's ``topk`` indices (``topk``, ``topk_union_teacher``).
-        topk_renormalize: with ``scope: topk``, renormalise both distributions over the top-k index set
-            (OPCD's ``kl_renorm_topk``; off by default as in OPCD: full-vocabulary log-probs gathered at the
-            indices, a truncated sum). The paper's safety settings turn it on, MedMCQA leaves it off.
-        gradient_checkpointing: recompute the student's activations in backward (HF
-            ``gradient_checkpointing_enable``, non-reentrant): less memory for long responses on real models.
+        topk_renormalize: ``scope: topk`` only: renormalise over the index set (OPCD's ``kl_renorm_topk``; off as
+            in OPCD = full-vocabulary log-probs at the indices). The paper's safety settings turn it on.
+        gradient_checkpointing: recompute the student's activations in backward (less memory, more compute).
         chunk_size: sequence chunk for the KL terms (bounds float32 ``[B, chunk, V]`` memory); None = automatic
             (see ``auto_chunk``).
         auto_chunk / auto_chunk_mib: with ``chunk_size`` None and a vocabulary of >= 32768 entries, chunk so
@@ -164,12 +171,8 @@ class OnPolicyDistillation(pl.LightningModule):
         self.tokenizer, self.student, self.teacher, self.vocab_size = build_student_and_teacher(
             student, teacher, lora=lora, teacher_quantization=teacher_quantization, dtype=dtype,
             teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
-        if gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
-            enable = getattr(self.student, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            enable_activation_checkpointing(self.student)
         self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size)
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id

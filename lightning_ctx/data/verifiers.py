@@ -84,6 +84,24 @@ class ChoiceVerifier:
         return got is not None and got == self.parse_answer(answer)
 
 
+_ANY_TAG = re.compile(r"<\s*/?\s*answer\s*>", re.IGNORECASE)
+
+
+def extract_tagged(text: str, tag: str = "answer") -> str | None:
+    """The stripped text inside the one ``<answer>...</answer>`` of ``text``; None when the format is not met.
+
+    Strict on purpose (an unparseable response counts as wrong; the verifier never guesses): exactly one
+    opening and one closing tag, both written exactly ``<answer>`` / ``</answer>`` (lowercase, no spaces),
+    the opening one first. Any other spelling of the tag (``<Answer>``, ``< answer >``) counts as a second,
+    malformed tag. Text before the tag (the analysis) and after it (a closing remark) is allowed.
+    """
+    pattern = _ANY_TAG if tag == "answer" else re.compile(rf"<\s*/?\s*{re.escape(tag)}\s*>", re.IGNORECASE)
+    found = list(pattern.finditer(text))
+    if len(found) != 2 or found[0].group(0) != f"<{tag}>" or found[1].group(0) != f"</{tag}>":
+        return None
+    return text[found[0].end():found[1].start()].strip()
+
+
 def _exact_parse(answer: str) -> str | None:
     return normalize_whitespace(answer) or None
 
@@ -92,12 +110,15 @@ def _exact_parse(answer: str) -> str | None:
 TASK_VERIFIERS = {
     "world": "lightning_ctx.tasks.world.rules:world_verifier",
     "frozenlake": "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier",
+    "mcqa_tagged": "lightning_ctx.tasks.mcqa.tagged:TaggedChoiceVerifier",
+    "safety": "lightning_ctx.tasks.safety.rules:VerdictVerifier",
 }
 VERIFIER_NAMES = ("exact", "regex", "choice", *TASK_VERIFIERS)
 
 
 def build_verifier(name: str, **kwargs) -> Verifier:
-    """``exact`` | ``regex`` | ``choice`` | a task's verifier (``world``, ``frozenlake``), with ``kwargs``."""
+    """``exact`` | ``regex`` | ``choice`` | a task's verifier (``world``, ``frozenlake``, ``mcqa_tagged``,
+    ``safety``), with ``kwargs``."""
     if name == "exact":
         return exact_match
     if name == "regex":

@@ -1,7 +1,8 @@
 """One package per task: pure rules, generator and verifier apart from Lightning, plus its DataModule.
 
 * ``world``: the built-in rule world (also its tokenizer, base model and pretraining);
-* ``mcqa``: multiple-choice QA with a system prompt (MedMCQA and generic exports);
+* ``mcqa``: multiple-choice QA with a system prompt (MedMCQA and generic exports; OPCD's tagged protocol);
+* ``safety``: a safety-analysis system prompt, verdicts ``<answer>yes|no</answer>``;
 * ``frozenlake``: FrozenLake maps as single-response records.
 
 Importing ``lightning_ctx.tasks.<task>`` gives its DataModule and verifier; the rules modules import
