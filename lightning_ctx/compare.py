@@ -154,10 +154,51 @@ def _retain_suffix(run, method_key: str) -> str:
         return ""
 
 
+def _rank_key(metric: str, value: float) -> float:
+    """Smaller is better after this transform (METRIC_DIRECTION: higher, lower or closer to zero)."""
+    d = METRIC_DIRECTION.get(metric, 1)
+    return abs(value) if d == 0 else -value if d > 0 else value
+
+
+def best_k_values(history: dict[str, list[tuple[int, float]]], k: int, metrics: Sequence[str],
+                  metric_prefix: str = "eval/", by: Optional[str] = None, min_step: int = 1) -> dict[str, float]:
+    """OPCD's "mean of the k best checkpoints" for one run, from its metric history.
+
+    ``history``: full metric name -> ``[(step, value), ...]`` (a later entry at the same step wins). Only
+    evaluation steps ``>= min_step`` count (step 0 is the initial model, not a trained checkpoint). With ``by``,
+    the k steps with the best finite ``{prefix}{by}`` are chosen once and every metric is the mean of its values
+    at those steps; without it each metric is the mean of its own k best values. Better = METRIC_DIRECTION.
+    Fewer than k evaluated steps: the mean over those there are; none: NaN. Keys are full metric names.
+    """
+    def series(name: str) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for step, value in history.get(name, []):
+            if step >= min_step:
+                out[int(step)] = float(value)
+        return {st: v for st, v in out.items() if math.isfinite(v)}
+
+    result: dict[str, float] = {}
+    chosen: Optional[list[int]] = None
+    if by is not None:
+        ranked = sorted(series(f"{metric_prefix}{by}").items(), key=lambda sv: (_rank_key(by, sv[1]), sv[0]))
+        chosen = [st for st, _ in ranked[:k]]
+    for m in metrics:
+        values = series(f"{metric_prefix}{m}")
+        if chosen is not None:
+            picked = [values[st] for st in chosen if st in values]
+        else:
+            picked = sorted(values.values(), key=lambda v: _rank_key(m, v))[:k]
+        result[f"{metric_prefix}{m}"] = sum(picked) / len(picked) if picked else math.nan
+    return result
+
+
 def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_key: str = DEFAULT_METHOD_KEY,
                  metrics: Sequence[str] = COMPARE_METRICS, metric_prefix: str = "eval/",
-                 baseline: str = "OPD") -> dict[str, Any]:
+                 baseline: str = "OPD", values: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
     """Group MLflow runs by configuration and method, average the final metrics over seeds.
+
+    ``values`` (run id -> full metric name -> value) replaces a run's final metrics, e.g. by
+    :func:`best_k_values` (the mean of its k best evaluation steps).
 
     Returns ``{"configs": [{"key": {...}, "methods": {name: {"runs": [...], "metrics": {m: {mean, std, n}}}},
     "deltas": {name: {m: delta}}}], "methods": [...], "summary": {name: {m: (improved, comparable)}},
@@ -185,7 +226,8 @@ def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_
                 continue
             stats = {}
             for m in metrics:
-                mean, std, n = _mean_std([r.data.metrics.get(f"{metric_prefix}{m}", math.nan) for r in rs])
+                mean, std, n = _mean_std([(values or {}).get(r.info.run_id, r.data.metrics).get(
+                    f"{metric_prefix}{m}", math.nan) for r in rs])
                 stats[m] = {"mean": mean, "std": std, "n": n}
             entry["methods"][method] = {"runs": [r.info.run_id for r in rs],
                                         "seeds": [run_value(r, "seed") for r in rs], "metrics": stats}

@@ -14,6 +14,7 @@ from lightning_ctx.compare import (
     DEFAULT_GROUP_BY,
     DEFAULT_METHOD_KEY,
     KEY_SOURCES,
+    best_k_values,
     compare_runs,
     format_compare_table,
     key_sources,
@@ -133,6 +134,14 @@ def build_compare_parser():
     p.add_argument("--baseline", default="OPD", help="name of the anchor-weight-0 method (default: %(default)s)")
     p.add_argument("--metrics", default=",".join(COMPARE_METRICS), help="columns (default: %(default)s)")
     p.add_argument("--metric-prefix", default="eval/", help="metric name prefix (default: %(default)s)")
+    p.add_argument("--best-k", type=int, default=None, metavar="K",
+                   help="per run, the mean over its K best evaluation steps (OPCD: the 3 best checkpoints) instead "
+                        "of the final values; steps from --best-min-step on")
+    p.add_argument("--best-by", default=None, metavar="METRIC",
+                   help="with --best-k: choose the K steps by this metric (e.g. acc_ctx) and read every metric there; "
+                        "default: each metric its own K best values")
+    p.add_argument("--best-min-step", type=int, default=1,
+                   help="with --best-k: first step that counts (default %(default)s: step 0 is the initial model)")
     p.add_argument("--out-dir", default="compare", help="where compare.md/.csv/.json/.png go (default: ./compare)")
     return p
 
@@ -148,6 +157,16 @@ def _search_runs(client, experiment_ids: list[str], filter_string: str) -> list:
         token = page.token
         if not token:
             return runs
+
+
+def _histories(client, run, metrics, prefix: str, by: Optional[str]) -> dict[str, list[tuple[int, float]]]:
+    """Full metric name -> ``[(step, value)]`` in logging order, for the metrics ``best_k_values`` reads."""
+    names = {f"{prefix}{m}" for m in [*metrics, *([by] if by else [])]}
+    out = {}
+    for name in sorted(names & set(run.data.metrics)):
+        hist = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: (m.step, m.timestamp))
+        out[name] = [(m.step, m.value) for m in hist]
+    return out
 
 
 def compare_main(argv: list[str]) -> int:
@@ -203,14 +222,28 @@ def compare_main(argv: list[str]) -> int:
         err(f"no runs matched ({where}). Check --experiment/--run-ids/--filter, or use --status any to include "
             "unfinished runs.")
         return 1
+    if args.best_by is not None and args.best_k is None:
+        err("--best-by needs --best-k")
+        return 1
+    if args.best_k is not None and args.best_k < 1:
+        err(f"--best-k must be >= 1, got {args.best_k}")
+        return 1
+    values = None
+    if args.best_k is not None:
+        values = {r.info.run_id: best_k_values(_histories(client, r, metrics, args.metric_prefix, args.best_by),
+                                               args.best_k, metrics, args.metric_prefix, args.best_by,
+                                               args.best_min_step) for r in runs}
     result = compare_runs(runs, group_by=group_by, method_key=args.method_key, metrics=metrics,
-                          metric_prefix=args.metric_prefix, baseline=args.baseline)
+                          metric_prefix=args.metric_prefix, baseline=args.baseline, values=values)
     if result["n_runs"] == 0:
         err(f"{len(runs)} run(s) matched but none has {args.metric_prefix}* metrics ({where}); were they "
             "trained with lightning_ctx.eval.ContextRemovabilityCallback?")
         return 1
+    which = "final" if args.best_k is None else (
+        f"mean of the {args.best_k} best evaluation steps (from step {args.best_min_step}"
+        + (f", chosen by {args.best_by}" if args.best_by else ", each metric its own") + ") of")
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
-              f"method from {args.method_key}; final {args.metric_prefix}* metrics, mean ± std over seeds."]
+              f"method from {args.method_key}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
     if result["skipped"]:
         header.append(f"{len(result['skipped'])} matched run(s) without {args.metric_prefix}* metrics were skipped.")
     table = format_compare_table(result)

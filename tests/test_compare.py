@@ -266,3 +266,66 @@ def test_three_methods_and_retention_kept_counts(store):
     assert "OPD: retention >= 0.9 in 1 of 2 configurations" in lines
     assert "anchored: retention >= 0.9 in 0 of 2 configurations" in lines
     assert "anchored + retain: retention >= 0.9 in 2 of 2 configurations" in lines
+
+
+# Evaluation histories for the best-k view: step -> (acc_ctx, harm); step 0 is the initial model.
+HISTORY = {
+    "0.0": {0: (0.95, 0.00), 10: (0.50, 0.40), 20: (0.70, 0.30), 30: (0.60, 0.20), 40: (0.80, 0.50),
+            50: (0.40, float("nan"))},
+    "0.5": {0: (0.95, 0.00), 10: (0.60, 0.10), 20: (0.90, 0.05), 30: (0.85, 0.00), 40: (0.65, 0.20),
+            50: (0.88, 0.10)},
+}
+
+
+def test_best_k_values_by_one_metric_or_each_its_own():
+    from lightning_ctx.compare import best_k_values
+
+    hist = {f"eval/{m}": [(st, v[i]) for st, v in HISTORY["0.0"].items()] for i, m in enumerate(("acc_ctx", "harm"))}
+    # by acc_ctx: steps 40, 20, 30 (step 0 excluded); harm read at those steps
+    got = best_k_values(hist, 3, ["acc_ctx", "harm"], by="acc_ctx")
+    assert got["eval/acc_ctx"] == pytest.approx((0.8 + 0.7 + 0.6) / 3)
+    assert got["eval/harm"] == pytest.approx((0.5 + 0.3 + 0.2) / 3)
+    # each metric its own best: harm lower is better, NaN skipped
+    own = best_k_values(hist, 2, ["acc_ctx", "harm"])
+    assert own["eval/acc_ctx"] == pytest.approx(0.75) and own["eval/harm"] == pytest.approx(0.25)
+    # more k than steps: the mean over all trained steps; step 0 counts only when asked
+    assert best_k_values(hist, 10, ["acc_ctx"], by="acc_ctx")["eval/acc_ctx"] == pytest.approx(3.0 / 5)
+    assert best_k_values(hist, 1, ["acc_ctx"], by="acc_ctx", min_step=0)["eval/acc_ctx"] == pytest.approx(0.95)
+    # a later value logged at the same step wins; a metric never logged is NaN
+    hist["eval/acc_ctx"].append((40, 0.1))
+    assert best_k_values(hist, 1, ["acc_ctx", "retention"], by="acc_ctx")["eval/acc_ctx"] == pytest.approx(0.7)
+    assert math.isnan(best_k_values(hist, 1, ["retention"])["eval/retention"])
+
+
+def test_compare_best_k_reads_metric_histories(store, mlflow_uri, tmp_path, capsys):
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("bestk")
+    for weight, steps in HISTORY.items():
+        rid = client.create_run(exp).info.run_id
+        logged = [Metric(f"eval/{m}", v[i], 1000 + st, st) for st, v in steps.items()
+                  for i, m in enumerate(("acc_ctx", "harm"))]
+        params = {"cfg/model.anchor_weight": weight, "cfg/model.student": "/models/Qwen2.5-7B-Instruct",
+                  "cfg/seed_everything": "0"}
+        client.log_batch(rid, metrics=logged, params=[Param(k, v) for k, v in params.items()])
+        client.set_terminated(rid)
+    out = tmp_path / "best"
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "bestk", "--metrics", "acc_ctx,harm",
+                         "--best-k", "3", "--best-by", "acc_ctx", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mean of the 3 best evaluation steps (from step 1, chosen by acc_ctx)" in text
+    (config,) = json.loads((out / "compare.json").read_text())["configs"]
+    opd, anchored = config["methods"]["OPD"]["metrics"], config["methods"]["anchored"]["metrics"]
+    assert opd["acc_ctx"]["mean"] == pytest.approx((0.8 + 0.7 + 0.6) / 3)
+    assert opd["harm"]["mean"] == pytest.approx((0.5 + 0.3 + 0.2) / 3)
+    assert anchored["acc_ctx"]["mean"] == pytest.approx((0.9 + 0.88 + 0.85) / 3)  # steps 20, 50, 30
+    assert anchored["harm"]["mean"] == pytest.approx((0.05 + 0.10 + 0.0) / 3)
+    # the final values (step 50) differ: the default view is unchanged
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "bestk", "--metrics", "acc_ctx,harm",
+                         "--out-dir", str(tmp_path / "final")]) == 0
+    (config,) = json.loads((tmp_path / "final" / "compare.json").read_text())["configs"]
+    assert config["methods"]["OPD"]["metrics"]["acc_ctx"]["mean"] == pytest.approx(0.4)
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "bestk", "--best-by", "acc_ctx"]) == 1
+    assert "--best-by needs --best-k" in capsys.readouterr().err
