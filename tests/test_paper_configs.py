@@ -1,0 +1,105 @@
+"""The 8 system-prompt paper settings (``experiments/paper/sys_*.yaml``): each parses with its real-model knobs,
+and each runs OPCD's CPU smoke override set on a tiny stand-in of its architecture family with the shipped samples,
+ending in an MLflow run that carries the removability metrics."""
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lightning_ctx.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "experiments" / "paper"
+DATA = REPO / "experiments" / "data"
+MODELS = ("llama3.1_8b", "llama3.2_3b", "qwen2.5_7b", "qwen2.5_3b_from_7b")
+TASKS = ("medmcqa", "safety")
+CONFIGS = [PAPER / f"sys_{t}_{m}.yaml" for t in TASKS for m in MODELS]
+SMOKE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+         "--trainer.max_steps", "2", "--model.max_new_tokens", "8", "--data.batch_size", "2"]
+
+
+def _task(config: Path) -> str:
+    return config.stem.split("_")[1]
+
+
+def _family(config: Path) -> str:
+    return "llama" if "llama" in config.stem else "qwen2"
+
+
+def _data_args(task: str) -> list[str]:
+    """The configs name their data relative to the repository root; tests run in a temp dir."""
+    return ["--data.init_args.train_file", str(DATA / f"sys_{task}_train_sample.jsonl"),
+            "--data.init_args.val_file", str(DATA / f"sys_{task}_test_sample.jsonl"),
+            "--data.init_args.system_prompt_file", str(DATA / f"sys_{task}_prompt.txt")]
+
+
+def test_eight_settings_exist():
+    assert all(c.exists() for c in CONFIGS), [c.name for c in CONFIGS if not c.exists()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_paper_config_parses_with_the_protocol(config, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code == 0, capsys.readouterr().err
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    m, t = cfg["model"], cfg["trainer"]
+    assert (m["max_new_tokens"], m["scope"], m["topk"], m["divergence"]) == (512, "topk", 256, "reverse_kl")
+    assert m["topk_renormalize"] is (_task(config) == "safety")
+    assert (m["lr"], m["lr_schedule"], m["warmup_steps"], m["temperature"]) == (5e-6, "constant", 0, 1.0)
+    assert m["anchor_weight"] == 0.5 and m["gradient_checkpointing"] is True and t["precision"] == "bf16-mixed"
+    assert t["max_steps"] == 50 and cfg["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"] == 128
+    assert m["student"].startswith("/models/") and (m["teacher"] is not None) == ("from_7b" in config.stem)
+    assert (m["lora"] is not None) == any(s in config.stem for s in ("8b", "qwen2.5_7b"))
+    (cb,) = [c for c in t["callbacks"] if c["class_path"].endswith("ContextRemovabilityCallback")]
+    a = cb["init_args"]
+    assert (a["num_samples"], a["temperature"], a["top_p"], a["top_k"]) == (4, 1.0, 0.95, 20)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Tiny Llama / Qwen2 checkpoints whose word-level vocabulary covers both tasks' samples and prompts, and a
+    second (deeper) Qwen2 with the same tokenizer as the cross-size teacher."""
+    from lightning_ctx.models.tiny import save_tiny_checkpoint
+    from lightning_ctx.tasks.mcqa import SysMCQADataModule
+    from lightning_ctx.tasks.safety import SafetyDataModule
+
+    words = set()
+    for task, cls in (("medmcqa", SysMCQADataModule), ("safety", SafetyDataModule)):
+        dm = cls(train_file=str(DATA / f"sys_{task}_train_sample.jsonl"),
+                 val_file=str(DATA / f"sys_{task}_test_sample.jsonl"),
+                 system_prompt_file=str(DATA / f"sys_{task}_prompt.txt"))
+        for split in ("train", "val"):
+            words |= {w for r in dm.load_split_records(split) for w in (r.context + " " + r.prompt).split()}
+    root = tmp_path_factory.mktemp("paper_stand_ins")
+    out = {fam: str(save_tiny_checkpoint(root / fam, fam, seed=2, extra_words=sorted(words)))
+           for fam in ("qwen2", "llama")}
+    out["qwen2_teacher"] = str(save_tiny_checkpoint(root / "qwen2_teacher", "qwen2", layers=3, seed=5,
+                                                    extra_words=sorted(words)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_paper_config_smoke_on_tiny_stand_in(config, stand_ins, mlflow_uri):
+    task, family = _task(config), _family(config)
+    models = ["--model.student", stand_ins[family]]
+    if "from_7b" in config.stem:
+        models += ["--model.teacher", stand_ins["qwen2_teacher"]]
+    main(["fit", "--config", str(config), *models, *SMOKE, *_data_args(task)])
+    (run,) = mlflow.search_runs(experiment_names=["paper-sys"], output_format="list")
+    m, params, tags = run.data.metrics, run.data.params, run.data.tags
+    for name in ("eval/harm", "eval/acc_no_ctx", "eval/acc_ctx", "eval/sampled/acc_ctx", "eval/sampled/harm"):
+        assert name in m, name  # 8 new tokens cannot close an <answer> tag: 0 accuracy, harm NaN, but logged
+    assert 0.0 <= m["eval/acc_ctx"] <= 1.0 and 0.0 <= m["eval/acc_no_ctx"] <= 1.0
+    assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/anchor"])
+    assert len(MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert params["cfg/model.topk_renormalize"] == str(task == "safety")
+    assert params["cfg/model.scope"] == "topk" and params["cfg/model.max_new_tokens"] == "8"
+    assert params["cfg/trainer.precision"] == "32-true" and params["cfg/model.student"] == stand_ins[family]
+    assert tags["setting"] == config.stem and tags["task"] == f"sys_{task}"
