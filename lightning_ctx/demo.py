@@ -6,7 +6,7 @@ plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention
 ``lightning-ctx fit`` (in this process, to pay the import cost once), tracked in ``./mlruns``; the table is
 read back from MLflow.
 
-    python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 150] [--arms opd anchored retain]
+    python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 100] [--arms opd anchored retain]
 """
 
 from __future__ import annotations
@@ -44,6 +44,27 @@ def final_metrics(run_id: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
+def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return {m: [(h.step, h.value) for h in client.get_metric_history(run_id, f"eval/{m}")] for m in metrics}
+
+
+def plot_tradeoff(run_ids: dict[str, str], target: str, seed: int, out_dir: Path) -> Path:
+    """Harm and retention over steps of every arm on one figure; saved under ``out_dir`` and logged to each run."""
+    from mlflow.tracking import MlflowClient
+
+    from lightning_ctx.eval.artifacts import plot_method_curves
+
+    path = plot_method_curves(out_dir / f"tradeoff-{target.replace(' ', '_')}-s{seed}.png",
+                              {arm: metric_curves(rid) for arm, rid in run_ids.items()},
+                              title=f"{target}, seed {seed}: harm and retention over steps")
+    for run_id in run_ids.values():
+        MlflowClient().log_artifact(run_id, str(path), "tradeoff")
+    return path
+
+
 def format_table(rows: list[tuple[str, int, dict[str, float]]]) -> str:
     head = f"{'arm':<10}{'seed':>5}" + "".join(f"{c:>12}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
@@ -57,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="SHOW", help="context to internalize (default SHOW)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", default="demo_runs", help="checkpoints and per-run files")
     p.add_argument("--experiment", default="world-demo", help="MLflow experiment name")
@@ -68,18 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny model: one thread is fastest and leaves a core for the rest
     rows = []
     start = time.time()
+    plots = []
     for seed in args.seeds:
+        run_ids = {}
         for arm in args.arms:
             t0 = time.time()
             print(f"\n=== {arm} | target {args.target} | seed {seed} ===", flush=True)
-            run_id = run_arm(arm, args.target, seed, args.steps,
-                             Path(args.out) / f"{arm}-{args.target}-s{seed}", args.experiment)
-            rows.append((arm, seed, final_metrics(run_id)))
-            print(f"--- {arm} done in {time.time() - t0:.0f} s (MLflow run {run_id})", flush=True)
+            run_ids[arm] = run_arm(arm, args.target, seed, args.steps,
+                                   Path(args.out) / f"{arm}-{args.target}-s{seed}", args.experiment)
+            rows.append((arm, seed, final_metrics(run_ids[arm])))
+            print(f"--- {arm} done in {time.time() - t0:.0f} s (MLflow run {run_ids[arm]})", flush=True)
+        plots.append(plot_tradeoff(run_ids, args.target, seed, Path(args.out)))
     print(f"\nTarget context {args.target}, {args.steps} steps, greedy evaluation on held-out items "
           f"(retention = accuracy on other contexts / the base model's); total {time.time() - start:.0f} s\n")
     print(format_table(rows))
     print("\nharm = share of items right without the context that turn wrong when it is given back.")
+    print(f"Harm and retention over steps, all arms on one plot: {', '.join(map(str, plots))} (also in each run)")
     print("Runs are in ./mlruns: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
     return 0
 

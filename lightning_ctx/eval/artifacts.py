@@ -222,3 +222,30 @@ def write_eval_artifacts(folder: str | Path, *, stage: str, prefix: str, step: i
         layer_hist = history if stage == "fit" and history else [{"step": step, "metrics": metrics}]
         files.append((plot_hidden_cos(folder / "hidden_cos.png", layer_hist), base))
     return files
+
+
+def plot_method_curves(path: str | Path, curves: dict[str, dict[str, list[tuple[int, float]]]],
+                       metrics: Sequence[str] = ("harm", "retention"), title: str = "") -> Path:
+    """Several methods on one figure, one panel per metric: ``curves[method][metric] = [(step, value), ...]``.
+
+    Shows the trade-off at a glance: which method removes the harm, and what each costs in retention.
+    """
+    fig = _new_figure(5 * len(metrics), 3.6)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for method, series in curves.items():
+            points = sorted(series.get(metric, []))
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=method)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
