@@ -311,3 +311,17 @@ def test_mcqa_system_prompt_file_must_be_utf8_text(tmp_path):
         read_system_prompt(system_prompt_file=bad)
     with pytest.raises(DataError, match="is a folder"):
         read_system_prompt(system_prompt_file=tmp_path)
+
+
+def test_bad_config_files(tmp_path, mlflow_uri, capsys):
+    missing = tmp_path / "nope.yaml"
+    _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(missing)]),
+                       str(missing), "config file does not exist")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  lr: [1e-4\n")
+    _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(broken)]),
+                       str(broken), "not valid YAML")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# caf\xe9\nmodel:\n  lr: 1.0e-4\n".encode("latin-1"))
+    _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(latin1)]),
+                       str(latin1), "line 1", "not valid UTF-8")
