@@ -57,3 +57,15 @@ def test_readme_paths_and_modules_exist():
     for module in set(re.findall(r"python -m ([\w.]+)", text)):
         if module.split(".")[0] in ("lightning_ctx", "benchmarks"):
             assert importlib.util.find_spec(module) is not None, f"README runs python -m {module}, which is missing"
+
+
+def test_nothing_cites_a_design_file_outside_the_repo():
+    """Code and docs cite docs/design.md; the steering DESIGN.md outside the repository is not shipped."""
+    offenders = []
+    for path in [*REPO.glob("lightning_ctx/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("*.md"),
+                 *REPO.glob("docs/*.md"), *REPO.glob("notebooks/*.ipynb"), *REPO.glob("experiments/**/*.yaml")]:
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"\bDESIGN(\.md| §| section)", text) and path.name != "test_docs.py":
+            offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, offenders
+    assert (REPO / "docs" / "design.md").exists()

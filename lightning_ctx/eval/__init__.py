@@ -1,4 +1,4 @@
-"""Context-removability evaluation (DESIGN.md sections 3 and 4).
+"""Context-removability evaluation (docs/design.md, "Metrics").
 
 * :mod:`~lightning_ctx.eval.metrics` (with ``hidden_cos`` and ``metric_base``): the torchmetrics metrics;
 * :mod:`~lightning_ctx.eval.evaluator` (with ``decoding``): decode, verify, measure -- without a Trainer;

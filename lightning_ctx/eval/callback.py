@@ -1,4 +1,4 @@
-"""The context-removability evaluation inside a Trainer (DESIGN.md section 3).
+"""The context-removability evaluation inside a Trainer (docs/design.md, "Metrics").
 
 ``ContextRemovabilityCallback`` schedules :class:`~lightning_ctx.eval.evaluator.Evaluator` runs on the
 **student**, logs the metrics to every logger as ``{prefix}{name}`` (``eval/harm``) at the global step

@@ -1,4 +1,4 @@
-"""The context-removability evaluation without a Trainer (DESIGN.md section 3).
+"""The context-removability evaluation without a Trainer (docs/design.md, "Metrics").
 
 ``Evaluator`` decodes greedily (and optionally ``num_samples`` samples) from a causal LM on a list of
 records twice -- without and with each record's context --, verifies the answers and computes

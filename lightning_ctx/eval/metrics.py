@@ -1,4 +1,4 @@
-"""Context-removability metrics (DESIGN.md §3) as torchmetrics ``Metric``s.
+"""Context-removability metrics (docs/design.md, "Metrics") as torchmetrics ``Metric``s.
 
 Pure tensors in, 0-dim float tensors (or dicts of them) out; no Lightning import. Every state is
 a sum (``dist_reduce_fx="sum"``), so under DDP ``compute()`` gathers all ranks and returns the
