@@ -15,9 +15,13 @@ def _row_logits(model, prefix_ids, prefix_mask, response):
     return logits.double()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_loss_equals_objectives_by_hand(tiny_dirs, family):
-    module = OnPolicyDistillation(student=tiny_dirs[family], anchor_weight=0.5)
+def _reverse_kl(s, t):
+    return kl_divergence(Categorical(logits=s), Categorical(logits=t)).sum().item()
+
+
+def _terms_and_hand_sums(module, kl):
+    """The module's terms on a fixed rollout, and by hand row by row (unpadded, float64): the sums over response
+    tokens of ``kl(s, T)`` (OPD) and ``kl(s, q)`` (anchor), and the number of response tokens."""
     perturb(module.student)  # student != teacher, so every term is non-trivial
     module.student.eval()
     batch = tiny_batch(module)
@@ -30,9 +34,16 @@ def test_loss_equals_objectives_by_hand(tiny_dirs, family):
             s = _row_logits(module.student, batch.prompt_ids[i], batch.prompt_mask[i], resp)
             t = _row_logits(module.teacher, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
             q = _row_logits(module.student, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
-            opd_sum += kl_divergence(Categorical(logits=s), Categorical(logits=t)).sum().item()  # reverse KL(s || T)
-            anchor_sum += kl_divergence(Categorical(logits=s), Categorical(logits=q)).sum().item()  # KL(sg s || q)
+            opd_sum += kl(s, t)
+            anchor_sum += kl(s, q)
             n += len(resp)
+    return terms, opd_sum, anchor_sum, n
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_loss_equals_objectives_by_hand(tiny_dirs, family):
+    module = OnPolicyDistillation(student=tiny_dirs[family], anchor_weight=0.5)
+    terms, opd_sum, anchor_sum, n = _terms_and_hand_sums(module, _reverse_kl)
     assert n == 3 + 2 + 4
     assert terms["opd"].item() == pytest.approx(opd_sum / n, rel=1e-5)
     assert terms["anchor"].item() == pytest.approx(anchor_sum / n, rel=1e-5)
@@ -107,21 +118,8 @@ def test_topk_renormalize_reaches_opd_and_anchor(tiny_dirs, renormalize):
     module = OnPolicyDistillation(student=tiny_dirs["qwen2"], anchor_weight=0.5, scope="topk", topk=5,
                                   topk_renormalize=renormalize)
     assert module.objective.topk_renormalize is renormalize
-    perturb(module.student)
-    module.student.eval()
-    batch = tiny_batch(module)
-    rollout = fixed_rollout(module, batch)
-    terms = module.compute_losses(batch, rollout)
-    opd_sum, anchor_sum, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for i in range(len(batch)):
-            resp = rollout.response_ids[i][rollout.response_mask[i]].tolist()
-            s = _row_logits(module.student, batch.prompt_ids[i], batch.prompt_mask[i], resp)
-            t = _row_logits(module.teacher, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
-            q = _row_logits(module.student, batch.ctx_prompt_ids[i], batch.ctx_prompt_mask[i], resp)
-            opd_sum += _topk_reverse_kl(s, t, 5, renormalize)
-            anchor_sum += _topk_reverse_kl(s, q, 5, renormalize)  # KL(sg s || q) over the anchor's top-k
-            n += len(resp)
+    # KL(sg s || q) of the anchor over the anchor's top-k, like the OPD term over the student's
+    terms, opd_sum, anchor_sum, n = _terms_and_hand_sums(module, lambda a, b: _topk_reverse_kl(a, b, 5, renormalize))
     assert terms["opd"].item() == pytest.approx(opd_sum / n, rel=1e-5)
     assert terms["anchor"].item() == pytest.approx(anchor_sum / n, rel=1e-5)
 

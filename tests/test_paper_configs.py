@@ -61,27 +61,21 @@ def test_paper_config_parses_with_the_protocol(config, capsys):
     assert (a["num_samples"], a["temperature"], a["top_p"], a["top_k"]) == (4, 1.0, 0.95, 20)
 
 
+def _driver():
+    """benchmarks/paper.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_driver", REPO / "benchmarks" / "paper.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    return driver
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    """Tiny Llama / Qwen2 checkpoints whose word-level vocabulary covers both tasks' samples and prompts, and a
-    second (deeper) Qwen2 with the same tokenizer as the cross-size teacher."""
-    from lightning_ctx.models.tiny import save_tiny_checkpoint
-    from lightning_ctx.tasks.mcqa import SysMCQADataModule
-    from lightning_ctx.tasks.safety import SafetyDataModule
-
-    words = set()
-    for task, cls in (("medmcqa", SysMCQADataModule), ("safety", SafetyDataModule)):
-        dm = cls(train_file=str(DATA / f"sys_{task}_train_sample.jsonl"),
-                 val_file=str(DATA / f"sys_{task}_test_sample.jsonl"),
-                 system_prompt_file=str(DATA / f"sys_{task}_prompt.txt"))
-        for split in ("train", "val"):
-            words |= {w for r in dm.load_split_records(split) for w in (r.context + " " + r.prompt).split()}
-    root = tmp_path_factory.mktemp("paper_stand_ins")
-    out = {fam: str(save_tiny_checkpoint(root / fam, fam, seed=2, extra_words=sorted(words)))
-           for fam in ("qwen2", "llama")}
-    out["qwen2_teacher"] = str(save_tiny_checkpoint(root / "qwen2_teacher", "qwen2", layers=3, seed=5,
-                                                    extra_words=sorted(words)))
-    return out
+    """The driver's tiny Llama / Qwen2 stand-ins (vocabulary covering both tasks' samples and prompts) and a
+    deeper Qwen2 with the same tokenizer as the cross-size teacher."""
+    return _driver().build_stand_ins(tmp_path_factory.mktemp("paper_stand_ins"))
 
 
 @pytest.mark.slow
@@ -107,11 +101,7 @@ def test_paper_config_smoke_on_tiny_stand_in(config, stand_ins, mlflow_uri):
 
 def test_paper_driver_says_what_it_skips_and_why(capsys):
     """On a machine without the model folders (this one) nothing real runs, and each setting says why."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_driver", REPO / "benchmarks" / "paper.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    driver = _driver()
     assert driver.SETTINGS == [c.stem for c in CONFIGS]
     assert driver.main(["--dry-run", "--models-root", "/nonexistent"]) == 0
     out = capsys.readouterr().out
