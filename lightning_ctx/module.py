@@ -17,8 +17,9 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ctx.checkpointing import RNG_KEY, add_run_state, restore_rng_states, save_beside_checkpoints
+from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
 from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss
@@ -280,8 +281,12 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-        # Applied at train start, after everything that might draw random numbers while restoring.
-        self._pending_rng_states = checkpoint.get(RNG_KEY)
+        # This rank's own states, applied at train start, after everything that might draw random numbers
+        # while restoring (and after on_fit_start's rank-offset seed).
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        self._pending_rng_states, why = rng_states_for_rank(checkpoint, rank, world)
+        if why:
+            rank_zero_warn(f"resuming: {why}")
 
     def on_train_start(self) -> None:
         states = getattr(self, "_pending_rng_states", None)
