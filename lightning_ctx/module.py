@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Literal, Optional
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
+from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss
 from lightning_ctx.models.loading import DTYPES, ModelError
@@ -30,24 +32,10 @@ from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 
 
-def global_token_scale(trainer, mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """``n_local * world_size / n_global`` under a multi-process strategy, else None.
-
-    Each term is a per-token mean over the rank's own tokens; DDP/FSDP then *average* gradients over
-    ranks. Rescaling by this factor turns that average into the per-token mean over the whole global
-    batch (docs/design.md, "Objectives": never weight a token by how many tokens its rank happened to get),
-    and the rank-mean of the logged values into that same global mean.
-    """
-    if trainer.world_size <= 1:
-        return None
-    n_local = mask.sum().to(torch.float32)
-    n_global = trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
-    return n_local * trainer.world_size / n_global.clamp(min=1)
-
-
-def nonfinite_message(step: int, bad: str, terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
+def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
     values = ", ".join(f"{k}={terms[k].item():.4g}" for k in ("opd", "anchor", "retain") if k in terms)
-    return (f"non-finite loss at step {step}: term '{bad}' = {terms[bad].item()} ({values})"
+    what = f"term '{bad}' = {terms[bad].item()} ({values})" if bad else f"on another rank (this rank's: {values})"
+    return (f"non-finite loss at step {step}: {what}"
             + (f"; state before this step saved to {saved}" if saved else "")
             + "; set model.on_nonfinite=skip to skip such steps instead")
 
@@ -160,6 +148,7 @@ class OnPolicyDistillation(pl.LightningModule):
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.skipped_steps = 0
+        self.step_tokens = StepTokens()  # per-token sums over the micro-batches of one optimizer step
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
@@ -191,7 +180,11 @@ class OnPolicyDistillation(pl.LightningModule):
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                settings: Optional[SamplingSettings] = None) -> Rollout:
         """On-policy responses from the student for left-padded prompts."""
-        return sample_responses(self.student, prompt_ids, prompt_mask, settings or self.sampling, self.eos_token_ids,
+        settings = settings or self.sampling
+        if self._trainer is not None and is_sharded(self.trainer) and self.trainer.world_size > 1:
+            # sharded weights: each forward gathers them from every rank, so all ranks decode in step
+            settings = dataclasses.replace(settings, sync_ranks=True)
+        return sample_responses(self.student, prompt_ids, prompt_mask, settings, self.eos_token_ids,
                                 self.pad_token_id, self.engine)
 
     def _teacher_logits(self, inputs) -> torch.Tensor:
@@ -202,12 +195,17 @@ class OnPolicyDistillation(pl.LightningModule):
     def _token_scale(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
         return global_token_scale(self.trainer, mask) if self._trainer is not None else None
 
-    def compute_losses(self, batch: ContextPairBatch, rollout: Rollout,
-                       retain_rollout: Optional[Rollout] = None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum."""
-        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, self._token_scale)
+    def compute_losses(self, batch: ContextPairBatch, rollout: Rollout, retain_rollout: Optional[Rollout] = None,
+                       local: bool = False) -> dict[str, torch.Tensor]:
+        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum.
 
-    def model_step(self, batch: ContextPairBatch) -> tuple[dict[str, torch.Tensor], Rollout]:
+        Per-token means, over the global batch under DDP/FSDP (``global_token_scale``); ``local``: over this
+        rank's tokens only (training turns them into the step's per-token mean itself, see ``StepTokens``).
+        """
+        scale = (lambda mask: None) if local else self._token_scale
+        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, scale)
+
+    def model_step(self, batch: ContextPairBatch, local: bool = False) -> tuple[dict[str, torch.Tensor], Rollout]:
         """Shared by training and validation: sample on-policy, then compute every term."""
         t0 = time.perf_counter()
         rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
@@ -215,7 +213,7 @@ class OnPolicyDistillation(pl.LightningModule):
         if self.hparams.retain_weight > 0 and batch.retain_prompt_ids is not None:
             retain_rollout = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
         t_rollout = time.perf_counter() - t0
-        terms = self.compute_losses(batch, rollout, retain_rollout)
+        terms = self.compute_losses(batch, rollout, retain_rollout, local=local)
         terms["time_rollout_s"] = torch.tensor(t_rollout)
         return terms, rollout
 
@@ -226,19 +224,42 @@ class OnPolicyDistillation(pl.LightningModule):
         return None
 
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
-        terms, rollout = self.model_step(batch)
+        terms, rollout = self.model_step(batch, local=True)
         bad = self._check_finite(terms)
-        if bad is not None:
+        trainer = self.trainer if self._trainer is not None else None
+        # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
+        # the gradient all-reduce.
+        if any_rank(trainer, bad is not None):
             step = self.global_step
             if self.hparams.on_nonfinite == "skip":
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+                if trainer is not None and trainer.world_size > 1:
+                    # Lightning refuses None under DDP/FSDP, and the gradient all-reduce needs a backward on every
+                    # rank: zero gradients; a step with no tokens left drops them (StepTokens.finish), so the
+                    # optimizer skips it as it does for None in one process.
+                    return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
                 return None  # Lightning skips backward and the optimizer step
-            saved = save_beside_checkpoints(self.trainer, f"nonfinite-step{step:06d}.ckpt") if self._trainer else None
+            saved = save_beside_checkpoints(self.trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
             raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
         self._log_terms("train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
-        return terms["loss"]
+        hp = self.hparams
+        return self.step_tokens.add(trainer, terms, hp.anchor_weight, hp.retain_weight)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Per-token sums -> the step's per-token mean (before Lightning clips); logs the step's exact terms."""
+        means = self.step_tokens.finish(self.trainer, self)
+        if means is None:
+            return
+        for name, value in means.items():
+            if name in ("anchor", "retain") and not self._has_term(name):
+                continue
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in ("loss", "opd", "anchor"),
+                     batch_size=1, rank_zero_only=True)
+
+    def _has_term(self, name: str) -> bool:
+        return (self.hparams.anchor_weight > 0) if name == "anchor" else (self.hparams.retain_weight > 0)
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
@@ -251,9 +272,10 @@ class OnPolicyDistillation(pl.LightningModule):
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
         on_step = stage == "train"
         # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
-        # token-rescaled terms (see ``_token_scale``) is the per-token mean over the global batch.
+        # token-rescaled terms (see ``_token_scale``) is the per-token mean over the global batch. The training
+        # terms are logged per optimizer step by ``on_before_optimizer_step`` instead.
         for name in ("loss", "opd", "anchor", "retain", "entropy"):
-            if name in terms:
+            if name in terms and not on_step:
                 self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=on_step, on_epoch=not on_step,
                          prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,

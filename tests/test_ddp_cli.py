@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -122,3 +123,49 @@ def test_ddp_resume_matches_uninterrupted(ddp_runs):
     assert len(set(ref_loss.values())) == MAX_STEPS  # the steps differ, so a shifted data position would show
     for step, value in loss:
         assert value == ref_loss[step], (step, value, ref_loss[step])
+
+
+class PoisonOneRank(pl.Callback):
+    """Makes rank 1's anchor term NaN at step 1 only; each rank writes what it skipped and its final weights."""
+
+    def __init__(self, out_dir: str):
+        self.out = Path(out_dir)
+
+    def setup(self, trainer, pl_module, stage):
+        real = pl_module.compute_losses
+
+        def poisoned(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if trainer.global_rank == 1 and trainer.global_step == 1:
+                out["anchor"] = out["anchor"] * float("nan")
+                out["loss"] = out["opd"] + out["anchor"]
+            return out
+        pl_module.compute_losses = poisoned
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        weights = torch.cat([p.detach().flatten() for p in pl_module.student.parameters()])
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"skipped": pl_module.skipped_steps, "step": trainer.global_step, "checksum": float(weights.sum()),
+             "norm": float(weights.norm())}))
+
+
+@pytest.mark.slow  # fits in subprocesses
+def test_ddp_ranks_skip_nonfinite_steps_together(tmp_path, tiny_dirs, jsonl_file):
+    """``on_nonfinite: skip`` where one rank alone sees a NaN: every rank skips that step (no rank waits forever
+    in the gradient all-reduce) and the replicas stay identical."""
+    train = jsonl_file(make_records(8))
+    args = ["fit", "--seed_everything", "0", "--model.student", tiny_dirs["qwen2"], "--model.max_new_tokens", "4",
+            "--model.anchor_weight", "0.5", "--model.on_nonfinite", "skip", "--model.rollout_warmup", "false",
+            "--data.train_file", train, "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3", "--trainer.logger",
+            "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.callbacks+=tests.test_ddp_cli.PoisonOneRank", f"--trainer.callbacks.out_dir={tmp_path}"]
+    error = _finish(_launch(args, tmp_path), timeout=150)
+    assert error is None, error
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    assert ranks[0]["step"] == ranks[1]["step"] == 3
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["norm"] == ranks[1]["norm"]
