@@ -73,6 +73,7 @@ class StepTokens:
     def reset(self) -> None:
         self.tokens = 0.0
         self.sums = dict.fromkeys(LOGGED_TERMS, 0.0)
+        self.seen: set[str] = set()  # the terms this step had (the same on every rank)
 
     def add(self, trainer, terms: dict[str, torch.Tensor], anchor_weight: float, retain_weight: float) -> torch.Tensor:
         """The micro-batch's loss to backpropagate: per-token sums, from the per-token means in ``terms``.
@@ -96,6 +97,7 @@ class StepTokens:
         self.tokens += float(n)
         for key, value in parts.items():
             self.sums[key] += float(value)
+        self.seen.update(parts)
         return loss
 
     def finish(self, trainer, module: torch.nn.Module) -> Optional[dict[str, float]]:
@@ -109,6 +111,7 @@ class StepTokens:
         local = torch.tensor([self.tokens, *(self.sums[k] for k in keys)], dtype=torch.float64)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         total = sum_over_ranks(trainer, local.to(device)).cpu()
+        seen = self.seen
         self.reset()
         tokens = float(total[0])
         if tokens <= 0:  # every micro-batch skipped (on every rank): no update at all, not even AdamW's momentum
@@ -121,4 +124,4 @@ class StepTokens:
             for p in module.parameters():
                 if p.grad is not None:
                     p.grad.mul_(factor)
-        return {k: float(v) / tokens for k, v in zip(keys, total[1:])}
+        return {k: float(v) / tokens for k, v in zip(keys, total[1:]) if k in seen}

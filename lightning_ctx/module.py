@@ -40,6 +40,34 @@ def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tens
             + "; set model.on_nonfinite=skip to skip such steps instead")
 
 
+def first_nonfinite(terms: dict[str, torch.Tensor]) -> Optional[str]:
+    """The first loss term that is NaN/inf, or None."""
+    for name in ("opd", "anchor", "retain", "loss"):
+        if name in terms and not torch.isfinite(terms[name]).all():
+            return name
+    return None
+
+
+def log_terms(module: pl.LightningModule, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout,
+              batch_size: int) -> None:
+    """Per-batch values of ``stage``; the training loss terms are logged per optimizer step instead
+    (``OnPolicyDistillation.on_before_optimizer_step``: exact per-token means over the whole step)."""
+    on_step = stage == "train"
+    # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
+    # token-rescaled terms (see ``global_token_scale``) is the per-token mean over the global batch.
+    for name in ("loss", "opd", "anchor", "retain", "entropy"):
+        if name in terms and not on_step:
+            module.log(f"{stage}/{name}", terms[name].detach().float(), on_step=False, on_epoch=True,
+                       prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
+    module.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
+               batch_size=batch_size, sync_dist=True)
+    module.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
+               batch_size=batch_size, sync_dist=True)
+    if on_step:
+        module.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
+        module.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when a loss term is NaN/inf; names the step and the term."""
 
@@ -217,74 +245,46 @@ class OnPolicyDistillation(pl.LightningModule):
         terms["time_rollout_s"] = torch.tensor(t_rollout)
         return terms, rollout
 
-    def _check_finite(self, terms: dict[str, torch.Tensor]) -> Optional[str]:
-        for name in ("opd", "anchor", "retain", "loss"):
-            if name in terms and not torch.isfinite(terms[name]).all():
-                return name
-        return None
-
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch, local=True)
-        bad = self._check_finite(terms)
         trainer = self.trainer if self._trainer is not None else None
         # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
         # the gradient all-reduce.
+        bad = first_nonfinite(terms)
         if any_rank(trainer, bad is not None):
-            step = self.global_step
-            if self.hparams.on_nonfinite == "skip":
-                self.skipped_steps += 1
-                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-                if trainer is not None and trainer.world_size > 1:
-                    # Lightning refuses None under DDP/FSDP, and the gradient all-reduce needs a backward on every
-                    # rank: zero gradients; a step with no tokens left drops them (StepTokens.finish), so the
-                    # optimizer skips it as it does for None in one process.
-                    return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
-                return None  # Lightning skips backward and the optimizer step
-            saved = save_beside_checkpoints(self.trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
-            raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
-        self._log_terms("train", terms, rollout, batch_size=len(batch))
+            return self._nonfinite_step(trainer, bad, terms)
+        log_terms(self, "train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
         hp = self.hparams
         return self.step_tokens.add(trainer, terms, hp.anchor_weight, hp.retain_weight)
 
+    def _nonfinite_step(self, trainer, bad: Optional[str], terms: dict[str, torch.Tensor]):
+        step = self.global_step
+        if self.hparams.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            if trainer is not None and trainer.world_size > 1:
+                # Lightning refuses None under DDP/FSDP, and the gradient all-reduce needs a backward on every
+                # rank: zero gradients; a step with no tokens left drops them (StepTokens.finish), so the
+                # optimizer skips it as it does for None in one process.
+                return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
+            return None  # Lightning skips backward and the optimizer step
+        saved = save_beside_checkpoints(trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
+        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Per-token sums -> the step's per-token mean (before Lightning clips); logs the step's exact terms."""
-        means = self.step_tokens.finish(self.trainer, self)
-        if means is None:
-            return
-        for name, value in means.items():
-            if name in ("anchor", "retain") and not self._has_term(name):
-                continue
+        for name, value in (self.step_tokens.finish(self.trainer, self) or {}).items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in ("loss", "opd", "anchor"),
                      batch_size=1, rank_zero_only=True)
 
-    def _has_term(self, name: str) -> bool:
-        return (self.hparams.anchor_weight > 0) if name == "anchor" else (self.hparams.retain_weight > 0)
-
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        self._log_terms("val", terms, rollout, batch_size=len(batch))
+        log_terms(self, "val", terms, rollout, batch_size=len(batch))
 
     def test_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        self._log_terms("test", terms, rollout, batch_size=len(batch))
-
-    def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
-        on_step = stage == "train"
-        # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
-        # token-rescaled terms (see ``_token_scale``) is the per-token mean over the global batch. The training
-        # terms are logged per optimizer step by ``on_before_optimizer_step`` instead.
-        for name in ("loss", "opd", "anchor", "retain", "entropy"):
-            if name in terms and not on_step:
-                self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=on_step, on_epoch=not on_step,
-                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=True)
-        if on_step:
-            self.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
-            self.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+        log_terms(self, "test", terms, rollout, batch_size=len(batch))
 
     # -- timing (tokens/s over the whole step, backward and optimizer included) -------------------
     def on_train_batch_start(self, batch, batch_idx):
