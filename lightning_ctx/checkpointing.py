@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ctx.knobs import at_least, check_class_args
 
 MLFLOW_RUN_KEY = "mlflow_run_id"
-RNG_KEY = "rng_states"
+RNG_KEY = "rng_states"  # global rank 0's (also what a single process restores)
+RNG_PER_RANK_KEY = "rng_states_per_rank"  # [rank 0's, rank 1's, ...] under a multi-process strategy
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -78,16 +79,56 @@ def read_mlflow_run_id(ckpt_path: str | os.PathLike) -> Optional[str]:
     return ckpt.get(MLFLOW_RUN_KEY)
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_states`, in global rank order (a collective: every rank must call it).
+
+    Only rank 0 writes the checkpoint, but ``on_save_checkpoint`` runs on every rank, so the states are
+    gathered there. A single process gets a one-element list.
+    """
+    import torch.distributed as dist
+
+    states = capture_rng_states()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [states]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def rng_states_for_rank(checkpoint: dict, rank: int, world_size: int) -> tuple[Optional[dict[str, Any]], str]:
+    """``(states, why)``: the RNG states rank ``rank`` restores from ``checkpoint``.
+
+    Each rank gets its own when the checkpoint was written by as many ranks as resume it; with another number of
+    ranks none are restored (``why`` says so; each rank keeps its fresh, rank-offset seed). Checkpoints written
+    before per-rank states existed hold rank 0's only: a single process restores them.
+    """
+    per_rank = checkpoint.get(RNG_PER_RANK_KEY)
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank], ""
+    saved = len(per_rank) if per_rank is not None else (1 if RNG_KEY in checkpoint else 0)
+    if saved == 0:
+        return None, "the checkpoint holds no RNG states"
+    if world_size == 1 and saved == 1:
+        return (per_rank[0] if per_rank is not None else checkpoint[RNG_KEY]), ""
+    return None, (f"the checkpoint holds the RNG states of {saved} rank(s) and {world_size} resume it: sampling "
+                  f"noise after the resume is not the uninterrupted run's")
+
+
 def add_run_state(checkpoint: dict, skipped_steps: int, loggers) -> None:
     """What a checkpoint needs beyond Lightning's: no teacher weights (rebuilt from their source on load), the
-    skipped-step count, the RNG states and the MLflow run id (a resumed run continues the same run)."""
+    skipped-step count, every rank's RNG states and the MLflow run id (a resumed run continues the same run).
+
+    Called on every rank (``on_save_checkpoint``): gathering the RNG states is a collective.
+    """
     from lightning.pytorch.loggers import MLFlowLogger
 
     state = checkpoint.get("state_dict", {})
     for key in [k for k in state if k.startswith("teacher.")]:
         del state[key]
     checkpoint["skipped_steps"] = skipped_steps
-    checkpoint[RNG_KEY] = capture_rng_states()
+    per_rank = gather_rng_states()
+    checkpoint[RNG_KEY] = per_rank[0]
+    checkpoint[RNG_PER_RANK_KEY] = per_rank
     run_ids = [lg.run_id for lg in loggers if isinstance(lg, MLFlowLogger)]
     if run_ids:
         checkpoint[MLFLOW_RUN_KEY] = run_ids[0]

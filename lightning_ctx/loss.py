@@ -128,6 +128,9 @@ class DistillationLoss:
             teacher_s += r_teacher_s
             loss = loss + self.retain_weight * out["retain"]
         out["loss"] = loss
+        out["tokens"] = mask.sum()
+        if "retain" in out:
+            out["retain_tokens"] = retain_rollout.response_mask.sum()
         with torch.no_grad():
             out["entropy"] = objectives.token_entropy(student_logits.detach(), mask, chunk_size=chunk)
         out["time_teacher_s"] = torch.tensor(teacher_s)

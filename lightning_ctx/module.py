@@ -12,14 +12,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ctx.checkpointing import RNG_KEY, add_run_state, restore_rng_states, save_beside_checkpoints
+from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
+from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss
 from lightning_ctx.models.loading import DTYPES, ModelError
@@ -29,24 +32,10 @@ from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 
 
-def global_token_scale(trainer, mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """``n_local * world_size / n_global`` under a multi-process strategy, else None.
-
-    Each term is a per-token mean over the rank's own tokens; DDP/FSDP then *average* gradients over
-    ranks. Rescaling by this factor turns that average into the per-token mean over the whole global
-    batch (docs/design.md, "Objectives": never weight a token by how many tokens its rank happened to get),
-    and the rank-mean of the logged values into that same global mean.
-    """
-    if trainer.world_size <= 1:
-        return None
-    n_local = mask.sum().to(torch.float32)
-    n_global = trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
-    return n_local * trainer.world_size / n_global.clamp(min=1)
-
-
-def nonfinite_message(step: int, bad: str, terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
+def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
     values = ", ".join(f"{k}={terms[k].item():.4g}" for k in ("opd", "anchor", "retain") if k in terms)
-    return (f"non-finite loss at step {step}: term '{bad}' = {terms[bad].item()} ({values})"
+    what = f"term '{bad}' = {terms[bad].item()} ({values})" if bad else f"on another rank (this rank's: {values})"
+    return (f"non-finite loss at step {step}: {what}"
             + (f"; state before this step saved to {saved}" if saved else "")
             + "; set model.on_nonfinite=skip to skip such steps instead")
 
@@ -58,6 +47,47 @@ def enable_activation_checkpointing(model) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def first_nonfinite(terms: dict[str, torch.Tensor]) -> Optional[str]:
+    """The first loss term that is NaN/inf, or None."""
+    for name in ("opd", "anchor", "retain", "loss"):
+        if name in terms and not torch.isfinite(terms[name]).all():
+            return name
+    return None
+
+
+def log_terms(module: pl.LightningModule, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout,
+              batch_size: int) -> None:
+    """Per-batch values of ``stage``; the training loss terms are logged per optimizer step instead
+    (``OnPolicyDistillation.on_before_optimizer_step``: exact per-token means over the whole step)."""
+    on_step = stage == "train"
+    # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
+    # token-rescaled terms (see ``global_token_scale``) is the per-token mean over the global batch.
+    for name in ("loss", "opd", "anchor", "retain", "entropy"):
+        if name in terms and not on_step:
+            module.log(f"{stage}/{name}", terms[name].detach().float(), on_step=False, on_epoch=True,
+                       prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
+    module.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
+               batch_size=batch_size, sync_dist=True)
+    module.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
+               batch_size=batch_size, sync_dist=True)
+    if on_step:
+        module.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
+        module.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+
+
+def warm_up_rollouts(module: OnPolicyDistillation) -> Optional[float]:
+    """One dummy decode of the training shape (batch size, longest prompt) before the timed steps: compilation,
+    CUDA graph capture and the static cache's sizing then stay out of them."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    if not isinstance(dm, ContextPairDataModule):
+        return None
+    seconds = module.engine.warmup(module.student, dm.batch_size, dm.longest_prompt(), module.sampling,
+                                   module.eos_token_ids, module.pad_token_id)
+    for logger in module.loggers:
+        logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)
+    return seconds
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -177,6 +207,7 @@ class OnPolicyDistillation(pl.LightningModule):
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.skipped_steps = 0
+        self.step_tokens = StepTokens()  # per-token sums over the micro-batches of one optimizer step
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
@@ -208,7 +239,11 @@ class OnPolicyDistillation(pl.LightningModule):
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                settings: Optional[SamplingSettings] = None) -> Rollout:
         """On-policy responses from the student for left-padded prompts."""
-        return sample_responses(self.student, prompt_ids, prompt_mask, settings or self.sampling, self.eos_token_ids,
+        settings = settings or self.sampling
+        if self._trainer is not None and is_sharded(self.trainer) and self.trainer.world_size > 1:
+            # sharded weights: each forward gathers them from every rank, so all ranks decode in step
+            settings = dataclasses.replace(settings, sync_ranks=True)
+        return sample_responses(self.student, prompt_ids, prompt_mask, settings, self.eos_token_ids,
                                 self.pad_token_id, self.engine)
 
     def _teacher_logits(self, inputs) -> torch.Tensor:
@@ -219,12 +254,17 @@ class OnPolicyDistillation(pl.LightningModule):
     def _token_scale(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
         return global_token_scale(self.trainer, mask) if self._trainer is not None else None
 
-    def compute_losses(self, batch: ContextPairBatch, rollout: Rollout,
-                       retain_rollout: Optional[Rollout] = None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum."""
-        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, self._token_scale)
+    def compute_losses(self, batch: ContextPairBatch, rollout: Rollout, retain_rollout: Optional[Rollout] = None,
+                       local: bool = False) -> dict[str, torch.Tensor]:
+        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum.
 
-    def model_step(self, batch: ContextPairBatch) -> tuple[dict[str, torch.Tensor], Rollout]:
+        Per-token means, over the global batch under DDP/FSDP (``global_token_scale``); ``local``: over this
+        rank's tokens only (training turns them into the step's per-token mean itself, see ``StepTokens``).
+        """
+        scale = (lambda mask: None) if local else self._token_scale
+        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, scale)
+
+    def model_step(self, batch: ContextPairBatch, local: bool = False) -> tuple[dict[str, torch.Tensor], Rollout]:
         """Shared by training and validation: sample on-policy, then compute every term."""
         t0 = time.perf_counter()
         rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
@@ -232,54 +272,50 @@ class OnPolicyDistillation(pl.LightningModule):
         if self.hparams.retain_weight > 0 and batch.retain_prompt_ids is not None:
             retain_rollout = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
         t_rollout = time.perf_counter() - t0
-        terms = self.compute_losses(batch, rollout, retain_rollout)
+        terms = self.compute_losses(batch, rollout, retain_rollout, local=local)
         terms["time_rollout_s"] = torch.tensor(t_rollout)
         return terms, rollout
 
-    def _check_finite(self, terms: dict[str, torch.Tensor]) -> Optional[str]:
-        for name in ("opd", "anchor", "retain", "loss"):
-            if name in terms and not torch.isfinite(terms[name]).all():
-                return name
-        return None
-
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
-        terms, rollout = self.model_step(batch)
-        bad = self._check_finite(terms)
-        if bad is not None:
-            step = self.global_step
-            if self.hparams.on_nonfinite == "skip":
-                self.skipped_steps += 1
-                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-                return None  # Lightning skips backward and the optimizer step
-            saved = save_beside_checkpoints(self.trainer, f"nonfinite-step{step:06d}.ckpt") if self._trainer else None
-            raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
-        self._log_terms("train", terms, rollout, batch_size=len(batch))
+        terms, rollout = self.model_step(batch, local=True)
+        trainer = self.trainer if self._trainer is not None else None
+        # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
+        # the gradient all-reduce.
+        bad = first_nonfinite(terms)
+        if any_rank(trainer, bad is not None):
+            return self._nonfinite_step(trainer, bad, terms)
+        log_terms(self, "train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
-        return terms["loss"]
+        hp = self.hparams
+        return self.step_tokens.add(trainer, terms, hp.anchor_weight, hp.retain_weight)
+
+    def _nonfinite_step(self, trainer, bad: Optional[str], terms: dict[str, torch.Tensor]):
+        step = self.global_step
+        if self.hparams.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            if trainer is not None and trainer.world_size > 1:
+                # Lightning refuses None under DDP/FSDP, and the gradient all-reduce needs a backward on every
+                # rank: zero gradients; a step with no tokens left drops them (StepTokens.finish), so the
+                # optimizer skips it as it does for None in one process.
+                return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
+            return None  # Lightning skips backward and the optimizer step
+        saved = save_beside_checkpoints(trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
+        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Per-token sums -> the step's per-token mean (before Lightning clips); logs the step's exact terms."""
+        for name, value in (self.step_tokens.finish(self.trainer, self) or {}).items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in ("loss", "opd", "anchor"),
+                     batch_size=1, rank_zero_only=True)
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        self._log_terms("val", terms, rollout, batch_size=len(batch))
+        log_terms(self, "val", terms, rollout, batch_size=len(batch))
 
     def test_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        self._log_terms("test", terms, rollout, batch_size=len(batch))
-
-    def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
-        on_step = stage == "train"
-        # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
-        # token-rescaled terms (see ``_token_scale``) is the per-token mean over the global batch.
-        for name in ("loss", "opd", "anchor", "retain", "entropy"):
-            if name in terms:
-                self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=on_step, on_epoch=not on_step,
-                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=True)
-        self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=True)
-        if on_step:
-            self.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
-            self.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+        log_terms(self, "test", terms, rollout, batch_size=len(batch))
 
     # -- timing (tokens/s over the whole step, backward and optimizer included) -------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -298,8 +334,12 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-        # Applied at train start, after everything that might draw random numbers while restoring.
-        self._pending_rng_states = checkpoint.get(RNG_KEY)
+        # This rank's own states, applied at train start, after everything that might draw random numbers
+        # while restoring (and after on_fit_start's rank-offset seed).
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        self._pending_rng_states, why = rng_states_for_rank(checkpoint, rank, world)
+        if why:
+            rank_zero_warn(f"resuming: {why}")
 
     def on_train_start(self) -> None:
         states = getattr(self, "_pending_rng_states", None)
@@ -314,18 +354,7 @@ class OnPolicyDistillation(pl.LightningModule):
             # sampling noise (correlated rollouts) and the same dropout masks.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
         if self.hparams.get("rollout_warmup", True) and hasattr(self.engine, "warmup"):
-            self.warmup_rollout()
-
-    def warmup_rollout(self) -> Optional[float]:
-        """One dummy decode of the training shape (batch size, longest prompt) before the timed steps."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not isinstance(dm, ContextPairDataModule):
-            return None
-        seconds = self.engine.warmup(self.student, dm.batch_size, dm.longest_prompt(), self.sampling,
-                                     self.eos_token_ids, self.pad_token_id)
-        for logger in self.loggers:
-            logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)
-        return seconds
+            warm_up_rollouts(self)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -65,6 +65,9 @@ class SamplingSettings:
     top_k: int = 0
     greedy: bool = False
     min_new_tokens: int = 0  # EOS suppressed before this many tokens (0 = may stop at once; benchmarks use it)
+    # Sharded weights (FSDP): every forward is a collective, so every rank keeps decoding until all ranks are
+    # done (``generate``'s ``synced_gpus``; the ``loop`` engine runs all ``max_new_tokens`` steps).
+    sync_ranks: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -140,6 +143,8 @@ class HFGenerateEngine:
                       **ON_POLICY_OVERRIDES)
         if settings.min_new_tokens:
             kwargs["min_new_tokens"] = settings.min_new_tokens
+        if settings.sync_ranks:
+            kwargs["synced_gpus"] = True
         if not settings.greedy:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         else:
@@ -245,7 +250,7 @@ class DecodeLoopEngine:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
             tokens.append(nxt)
             unfinished = unfinished & ~torch.isin(nxt, eos)
-            if step + 1 == settings.max_new_tokens or not bool(unfinished.any()):
+            if step + 1 == settings.max_new_tokens or not (settings.sync_ranks or bool(unfinished.any())):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,  # noqa: F841

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 DEFAULT_STORE_DIR = "mlruns"
 DEFAULT_EXPERIMENT = "lightning-ctx"
@@ -66,6 +67,10 @@ def _sqlite_dir(uri: str) -> Optional[Path]:
 
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger with SQLite defaults; checkpoints go next to the store.
+
+    Under DDP/FSDP the MLflow experiment and run exist on global rank 0 only (other ranks get Lightning's
+    dummy experiment): every method overridden here that talks to MLflow is rank-zero-only, like the ones it
+    overrides (docs/design.md, "Pitfalls").
 
     Args mirror ``MLFlowLogger``; ``tracking_uri=None`` means :func:`default_tracking_uri`.
     """
@@ -117,6 +122,7 @@ class MLflowLogger(MLFlowLogger):
             raise RuntimeError("continue_run must be called before the logger creates its run")
         self._run_id = run_id
 
+    @rank_zero_only
     def log_hyperparams(self, params) -> None:
         """Like MLFlowLogger's, but a resumed run may re-log params: equal ones are skipped, changed
         ones (MLflow forbids changing a param) are kept under ``resumed/<name>`` instead of crashing."""
@@ -159,6 +165,8 @@ class MLflowConfigCallback(SaveConfigCallback):
     """Logs the resolved CLI config to every MLflow logger: flattened params + ``config.yaml`` artifact."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:  # SaveConfigCallback calls it on rank 0 only; the run exists only there
+            return
         config_yaml = self.parser.dump(self.config, skip_none=False)
         import yaml
 

@@ -80,3 +80,14 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_dirs, mlflow_templ
         assert loss[step] == ref_loss[step], step
     for key, value in ref_ckpt["state_dict"].items():
         torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=0)
+
+
+def test_each_rank_restores_its_own_rng_states():
+    from lightning_ctx.checkpointing import RNG_KEY, RNG_PER_RANK_KEY, rng_states_for_rank
+
+    ckpt = {RNG_KEY: "r0", RNG_PER_RANK_KEY: ["r0", "r1"]}
+    assert [rng_states_for_rank(ckpt, r, 2)[0] for r in (0, 1)] == ["r0", "r1"]
+    states, why = rng_states_for_rank(ckpt, 0, 3)  # another number of ranks: none restored, and said so
+    assert states is None and "2 rank(s) and 3" in why
+    assert rng_states_for_rank({RNG_KEY: "old"}, 0, 1) == ("old", "")  # a checkpoint from before per-rank states
+    assert rng_states_for_rank({RNG_KEY: "old"}, 1, 2)[0] is None

@@ -31,14 +31,15 @@ class GradProbe(pl.Callback):
     def __init__(self, out_dir: str):
         self.out = Path(out_dir)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_rank == 0:  # after backward: DDP has already all-reduced the gradients
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
-            torch.save(grads, self.out / f"grads_step{trainer.global_step}.pt")
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1
         rank = trainer.global_rank
+        if rank == 0:
+            # After the optimizer step the gradients are still there (zeroed at the next step's start): all-reduced
+            # by DDP and rescaled to the per-token mean by the module's on_before_optimizer_step, which runs after
+            # the callbacks' (so a callback's on_before_optimizer_step sees per-token sums / world size).
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            torch.save(grads, self.out / f"grads_step{step}.pt")
         (self.out / f"tokens_step{step}_rank{rank}.json").write_text(json.dumps(pl_module._last_tokens))
         (self.out / f"ids_step{step}_rank{rank}.json").write_text(json.dumps(list(batch.ids)))
         if rank == 0:
@@ -126,5 +127,5 @@ def test_ddp_two_processes_match_one_process(tmp_path, jsonl_file):
                                                                      rel=1e-5), step
     g1, g2 = torch.load(single / "grads_step0.pt"), torch.load(ddp / "grads_step0.pt")
     assert g1.keys() == g2.keys() and len(g1) > 0
-    for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
+    for name in g1:  # float32 rounding: the per-token sums are rescaled once (max |grad| here is ~0.4)
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.data.render import PromptRenderer, left_pad
@@ -53,23 +53,43 @@ class RecordDataset(Dataset):
         return k, self.records[k % len(self.records)]
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Seeded epoch permutations that can start mid-epoch, so a resumed run sees the same data.
 
     Yields draw numbers ``epoch * n + index``; every random choice made per draw (e.g. the other
     context of the retention term) is a function of ``(seed, draw)``, never of a stateful generator,
     so prefetching and resuming cannot shift it. ``start_at(draws_done)`` skips what was consumed.
+
+    Sharded over ``num_replicas`` ranks itself, as ``DistributedSampler`` does (the epoch's order padded with
+    its first items to a multiple of the ranks; rank ``r`` takes positions ``r, r + W, ...``), so Lightning
+    does not wrap it: its ``DistributedSamplerWrapper`` trusts ``__len__`` and sizes itself once. One global
+    batch of ``B`` per rank consumes the next ``B * W`` positions of the epoch's order, which is what
+    ``draws_done`` counts. ``__len__`` is this rank's *full* epoch, also for a resumed one: Lightning's batch
+    counters restart at the restored batch index and stop the epoch when the loader runs out.
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler.__init__ is not called: it would ask torch.distributed for the world.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.drop_last = False
         self._next_draw = 0
 
     def start_at(self, draws_done: int) -> None:
+        """Continue after ``draws_done`` draws (global, over all ranks: a multiple of ``num_replicas`` in-epoch)."""
         self._next_draw = max(0, draws_done)
 
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: the epoch follows from the draw position (Lightning calls this on distributed samplers)."""
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.n // self.num_replicas)
+
     def __len__(self) -> int:
-        return self.n
+        return self.per_rank
 
     def __iter__(self):
         epoch, offset = divmod(self._next_draw, self.n)
@@ -77,8 +97,11 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         else:
             order = torch.arange(self.n)
+        order = order.tolist()
+        total = self.per_rank * self.num_replicas
+        padded = (order * -(-total // self.n))[:total]
         self._next_draw = (epoch + 1) * self.n  # the next __iter__ is the next epoch
-        for i in order[offset:].tolist():
+        for i in padded[self.rank::self.num_replicas][offset // self.num_replicas:]:
             yield epoch * self.n + i
 
 
@@ -247,25 +270,40 @@ class ContextPairDataModule(pl.LightningDataModule):
         if split not in self.splits:
             raise DataError(f"no {split} data configured", field=f"data.{split}_file")
         records = self.splits[split]
-        sampler = ResumableSampler(len(records), shuffle=train and self.shuffle, seed=self.seed)
+        world, rank = self._ranks()
+        sampler = ResumableSampler(len(records), shuffle=train and self.shuffle, seed=self.seed,
+                                   num_replicas=world, rank=rank)
         if train:
             sampler.start_at(self._draws_done())
         return DataLoader(RecordDataset(records), batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, drop_last=False, num_workers=self.num_workers,
                           collate_fn=self._collator(retain=train))
 
-    def _draws_done(self) -> int:
-        """Training records consumed before this fit (re)started: the data position of a resumed run.
+    def _ranks(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the trainer's strategy (``(1, 0)`` without a trainer)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
 
-        Derived from the restored global step, so a checkpoint holds the data position for free.
+    def _draws_done(self) -> int:
+        """Training records consumed (over all ranks) before this fit (re)started: a resumed run's data position.
+
+        Derived from the restored global step, so a checkpoint holds the data position for free. One optimizer
+        step is ``accumulate_grad_batches`` batches of ``batch_size`` per rank; an epoch is ``ceil(ceil(n / W) /
+        batch_size)`` batches per rank and ends with an optimizer step even when that leaves an accumulation
+        incomplete. Exact when resumed with the same number of ranks (``W``) and batch size.
         """
         trainer = self.trainer
         if trainer is None or trainer.global_step == 0:
             return 0
-        per_epoch = -(-len(self.splits["train"]) // self.batch_size)
-        batches = trainer.global_step * trainer.accumulate_grad_batches
-        epochs, in_epoch = divmod(batches, per_epoch)
-        return epochs * len(self.splits["train"]) + in_epoch * self.batch_size
+        n = len(self.splits["train"])
+        world, _ = self._ranks()
+        batches_per_epoch = -(-(-(-n // world)) // self.batch_size)
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = -(-batches_per_epoch // accumulate)
+        epochs, in_epoch = divmod(trainer.global_step, steps_per_epoch)
+        return epochs * n + in_epoch * accumulate * self.batch_size * world
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -17,11 +17,12 @@ Artifacts (rank 0, per evaluation; MLflow loggers get them through ``log_artifac
 ``log_dir`` get copies there): ``{prefix}step_000050/examples.json`` and ``examples.html``,
 ``{prefix}curves.png`` and ``{prefix}hidden_cos.png``.
 
-The initial model (reference for ``ref/initial_*`` and the per-item retention reference) is the
-teacher when the teacher is the frozen initial student (``model.teacher: null``); with a separate
-teacher checkpoint it is the student itself, measured before the first training step
-(``on_train_start`` of a fresh fit); otherwise it is unavailable and those references are skipped
-(``retention`` is then NaN, ``other_ctx_acc`` is still logged).
+The initial model (reference for ``ref/initial_*`` and the per-item retention reference) always has the
+initial student's unquantized weights: the teacher when the teacher is the frozen initial student in full
+precision (``model.teacher: null``); else the student itself, measured before the first training step
+(``on_train_start`` of a fresh fit); with a 4/8-bit self-teacher and training already started, the initial
+weights re-loaded (see ``initial_model``); with a separate teacher and training started it is unavailable
+and those references are skipped (``retention`` is then NaN, ``other_ctx_acc`` is still logged).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.eval.artifacts import write_eval_artifacts
 from lightning_ctx.eval.decoding import as_record
 from lightning_ctx.eval.evaluator import EvalResult, EvalSettings, Evaluator, References, Sharding, resolve_layers
-from lightning_ctx.knobs import above, at_least, check_class_args, existing_file, within
+from lightning_ctx.eval.initial import initial_model
+from lightning_ctx.knobs import ConfigError, above, at_least, check_class_args, existing_file, within
 
-__all__ = ["ContextRemovabilityCallback"]
+__all__ = ["ContextRemovabilityCallback", "initial_model"]
 
 SUMMARY_KEYS = ("acc_no_ctx", "acc_ctx", "harm", "len_inflation", "ctx_kl", "hidden_cos/mean", "retention")
 
@@ -262,6 +264,7 @@ class ContextRemovabilityCallback(Callback):
         """Fail before training when the evaluated split is empty or the retention file is bad."""
         if stage not in ("fit", "validate", "test"):
             return
+        check_unsharded(trainer)
         dm = _datamodule(trainer, pl_module)
         split = self.test_split if stage == "test" else self.split
         if not dm.records(split):
@@ -318,24 +321,25 @@ class ContextRemovabilityCallback(Callback):
         self._last_eval = tuple(last) if last else None
 
 
+def check_unsharded(trainer) -> None:
+    """The evaluation decodes with the student's weights outside the training forward, and each rank decodes its
+    own shard of the items (different numbers of forwards): with weights sharded over ranks (FSDP) every forward
+    is a collective, so it would hang. Refused before anything runs, with what to do instead."""
+    from lightning_ctx.distributed import is_sharded
+
+    if is_sharded(trainer) and trainer.world_size > 1:
+        raise ConfigError("ContextRemovabilityCallback does not run with weights sharded over ranks (FSDP with "
+                          f"{trainer.world_size} ranks): train under FSDP without it, then evaluate the checkpoint "
+                          "with `lightning-ctx validate --ckpt_path ...` under DDP or on one device "
+                          "(--trainer.strategy ddp)", field="trainer.strategy")
+
+
 def _datamodule(trainer, pl_module) -> ContextPairDataModule:
     dm = getattr(trainer, "datamodule", None)
     if not isinstance(dm, ContextPairDataModule):
         raise DataError("ContextRemovabilityCallback needs a ContextPairDataModule (or a subclass) as `data`")
     dm.connect(pl_module.tokenizer)
     return dm
-
-
-def initial_model(trainer, pl_module, before_training: bool):
-    """The teacher when it is the frozen initial student; else the student before any training step."""
-    hp = getattr(pl_module, "hparams", {})
-    teacher_src = hp.get("teacher") if hasattr(hp, "get") else None
-    # None = frozen copy of the initial student; "base" = the LoRA student's base weights, adapter off.
-    if teacher_src in (None, "base") and getattr(pl_module, "teacher", None) is not None:
-        return pl_module.teacher
-    if before_training and trainer is not None and trainer.global_step == 0:
-        return pl_module.student
-    return None
 
 
 def log_to_loggers(loggers, warn_once: Callable[[str, str], None], metrics: dict[str, float], step: int) -> None:

@@ -1,0 +1,42 @@
+"""The initial model of the evaluation references: the initial student with its own unquantized weights."""
+
+from __future__ import annotations
+
+
+def initial_model(trainer, pl_module, before_training: bool):
+    """The initial student, with its own unquantized weights (the reference of ``ref/initial_*`` and retention).
+
+    The teacher when it is the frozen initial student in full precision (``model.teacher`` unset, or ``base``);
+    else the student itself before any training step. When the teacher is the initial student re-loaded 4/8-bit
+    (``model.teacher_quantization``), it is *not* the initial model: after training started, the initial weights
+    are the LoRA student's base weights (adapter off) or are re-loaded from ``model.student``. None with a separate
+    teacher once training started.
+    """
+    hp = getattr(pl_module, "hparams", {})
+    get = hp.get if hasattr(hp, "get") else (lambda key, default=None: default)
+    teacher_src, quantized = get("teacher"), get("teacher_quantization")
+    teacher = getattr(pl_module, "teacher", None)
+    # None = frozen copy of the initial student; "base" = the LoRA student's base weights, adapter off.
+    if teacher_src in (None, "base") and teacher is not None and not (teacher_src is None and quantized):
+        return teacher
+    if before_training and trainer is not None and trainer.global_step == 0:
+        return pl_module.student
+    if teacher_src is None and quantized and get("student"):
+        return unquantized_initial_student(pl_module)
+    return None
+
+
+def unquantized_initial_student(pl_module):
+    """The initial student in full precision: the LoRA base weights with the adapter off, or ``model.student``
+    re-loaded (frozen, on the student's device; freed when the references are done)."""
+    from lightning_ctx.models.loading import freeze, load_causal_lm
+    from lightning_ctx.models.teachers import BaseWeightsTeacher
+
+    student = pl_module.student
+    if hasattr(student, "disable_adapter"):
+        return BaseWeightsTeacher(student)
+    hp = pl_module.hparams
+    model = load_causal_lm(hp.student, hp.get("dtype", "float32"), hp.get("trust_remote_code", False),
+                           hp.get("local_files_only", True))
+    freeze(model)
+    return model.to(next(student.parameters()).device)
