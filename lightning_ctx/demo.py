@@ -6,7 +6,7 @@ plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention
 ``lightning-ctx fit`` (in this process, to pay the import cost once), tracked in ``./mlruns``; the table is
 read back from MLflow.
 
-    python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 100] [--arms opd anchored retain]
+    python -m lightning_ctx.demo [--target SHOW] [--seeds 0] [--steps 100] [--lr 1e-4] [--arms opd anchored retain]
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ ARMS = {
     "anchored": "builtin:methods/anchored.yaml",
     "retain": "builtin:methods/anchored_retain.yaml",
 }
+LABELS = {"opd": "OPD", "anchored": "anchored", "retain": "anchored + retain"}
 COLUMNS = ("acc_no_ctx", "acc_ctx", "harm", "help", "len_no_ctx", "len_ctx", "retention")
 
 
-def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment: str) -> str:
+def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment: str,
+            lr: float | None = None) -> str:
     """One ``fit`` of the world task with ``arm``'s method config; returns the MLflow run id."""
     from lightning_ctx.cli import ContextCLI
 
@@ -33,7 +35,8 @@ def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment
                            "--data.init_args.target_context", target, "--trainer.max_steps", str(steps),
                            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
                            "--trainer.logger.init_args.experiment_name", experiment,
-                           "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}"])
+                           "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}",
+                           *(["--model.lr", str(lr)] if lr is not None else [])])
     return cli.trainer.logger.run_id
 
 
@@ -58,7 +61,7 @@ def plot_tradeoff(run_ids: dict[str, str], target: str, seed: int, out_dir: Path
     from lightning_ctx.eval.artifacts import plot_method_curves
 
     path = plot_method_curves(out_dir / f"tradeoff-{target.replace(' ', '_')}-s{seed}.png",
-                              {arm: metric_curves(rid) for arm, rid in run_ids.items()},
+                              {LABELS[arm]: metric_curves(rid) for arm, rid in run_ids.items()},
                               title=f"{target}, seed {seed}: harm and retention over steps")
     for run_id in run_ids.values():
         MlflowClient().log_artifact(run_id, str(path), "tradeoff")
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="SHOW", help="context to internalize (default SHOW)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=None, help="model.lr (default: the world config's, 1e-4)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", default="demo_runs", help="checkpoints and per-run files")
     p.add_argument("--experiment", default="world-demo", help="MLflow experiment name")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             print(f"\n=== {arm} | target {args.target} | seed {seed} ===", flush=True)
             run_ids[arm] = run_arm(arm, args.target, seed, args.steps,
-                                   Path(args.out) / f"{arm}-{args.target}-s{seed}", args.experiment)
+                                   Path(args.out) / f"{arm}-{args.target}-s{seed}", args.experiment, args.lr)
             rows.append((arm, seed, final_metrics(run_ids[arm])))
             print(f"--- {arm} done in {time.time() - t0:.0f} s (MLflow run {run_ids[arm]})", flush=True)
         plots.append(plot_tradeoff(run_ids, args.target, seed, Path(args.out)))
