@@ -209,7 +209,10 @@ class OnPolicyDistillation(pl.LightningModule):
     def model_step(self, batch: ContextPairBatch) -> tuple[dict[str, torch.Tensor], Rollout]:
         """Shared by training and validation: sample on-policy, then compute every term."""
         t0 = time.perf_counter()
-        rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
+        if hasattr(batch, "play"):  # multi-turn episodes (lightning_ctx.rollout_episodes.EpisodeBatch): played
+            batch, rollout = batch.play(self.sample, self.device)  # then scored like single responses
+        else:
+            rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
         retain_rollout = None
         if self.hparams.retain_weight > 0 and batch.retain_prompt_ids is not None:
             retain_rollout = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
@@ -259,6 +262,9 @@ class OnPolicyDistillation(pl.LightningModule):
                  batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, sync_dist=True)
+        for name, value in getattr(rollout, "stats", {}).items():  # episode pass rate, turns, invalid moves
+            self.log(f"{stage}/{name}", float(value), on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                     sync_dist=True)
         if on_step:
             self.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
             self.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)

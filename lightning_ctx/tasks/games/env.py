@@ -27,6 +27,10 @@ from lightning_ctx.errors import ConfigError
 #: Environments used by the paper's text-game settings (any single-player ``-raw`` id of textarena works).
 GAME_IDS = ("FrozenLake-v0-raw", "Sokoban-v0-raw")
 TURN_LIMIT_REASON = "turn limit"
+#: Move words for word-level tiny stand-ins (``save_tiny_checkpoint(..., extra_words=GAME_WORDS)``), so a random
+#: model can emit valid moves.
+GAME_WORDS = ["[up]", "[down]", "[left]", "[right]", "[w]", "[a]", "[s]", "[d]", "Current", "Board:", "P", "X", "O",
+              "#", "_", "You", "moved", "move", "go", "invalid", "I", "experience", "Experience:", "plan", "PLAN"]
 INVALID_MARK = "attempted an invalid move"  # TextArena's warning after the first invalid move
 
 

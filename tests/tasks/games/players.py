@@ -50,15 +50,48 @@ def frozenlake_hole_move(text: str) -> str:
     return ""
 
 
-def scripted_sampler(tokenizer, eos_id: int, pad_id: int, respond, calls: list | None = None):
-    """A turn sampler (``(prompt_ids, prompt_mask) -> Rollout``) whose responses are ``respond(prompt text)``:
-    a string (+ EOS) or ``(string, finished)``; the prompt text is what the model would have seen."""
+class LiveGames:
+    """Every ``TextGame`` reset while installed, so a scripted player can read the true board (a word-level tiny
+    tokenizer turns most of the observation into [UNK]). The episode loop samples for the games still running, in
+    the order they were reset: the rows of a sampler call are ``running()``."""
+
+    def __init__(self, monkeypatch):
+        from lightning_ctx.tasks.games.env import TextGame
+
+        self.games = []
+        real_reset = TextGame.reset
+
+        def reset(game):
+            self.games.append(game)
+            return real_reset(game)
+        monkeypatch.setattr(TextGame, "reset", reset)
+
+    def running(self):
+        return [g for g in self.games if not g.done]
+
+
+def state_plan(game) -> list[str]:
+    """Shortest safe FrozenLake path from the player's position, from the game's own state."""
+    st = game.env.state.game_state
+    grid = [list(row) for row in st["grid"]]
+    (pr, pc) = st["player_pos"]
+    grid = [["P" if (r, c) == (pr, pc) else ("H" if v == "H" else ("G" if v == "G" else " ")) for c, v in enumerate(row)]
+            for r, row in enumerate(grid)]
+    board = "Current Board:\n" + "\n".join("|" + "|".join(f"  {v}  " for v in row) + "|" for row in grid)
+    return frozenlake_plan(board)
+
+
+def scripted_sampler(tokenizer, eos_id: int, pad_id: int, respond, calls: list | None = None, live=None):
+    """A turn sampler (``(prompt_ids, prompt_mask) -> Rollout``) whose responses are ``respond(prompt text)`` (or
+    ``respond(game, prompt text)`` with ``live``): a string (+ EOS) or ``(string, finished)``; the prompt text is
+    what the model would have seen."""
 
     def sample(prompt_ids, prompt_mask, settings=None):
         rows = []
-        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
+        games = live.running() if live is not None else None
+        for k, (ids, mask) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist())):
             text = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-            out = respond(text)
+            out = respond(games[k], text) if live is not None else respond(text)
             reply, finished = out if isinstance(out, tuple) else (out, True)
             rows.append(tokenizer(reply, add_special_tokens=False).input_ids + ([eos_id] if finished else []))
             if calls is not None:
