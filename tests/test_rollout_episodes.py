@@ -105,8 +105,9 @@ def test_early_ends_invalid_moves_and_cut_turns_batch_together(tok, live):
         outs = [scripted_sampler(tok, eos, pad, lambda t, g=g: scripts[g](games[g], t))(ids[r:r + 1], mask[r:r + 1])
                 for r, g in enumerate(running)]
         width = max(o.response_ids.shape[1] for o in outs)
-        cat = lambda name: torch.cat([torch.nn.functional.pad(getattr(o, name), (0, width - getattr(o, name).shape[1]),  # noqa: E731
-                                                              value=pad if name == "response_ids" else 0) for o in outs])
+        def cat(name):
+            return torch.cat([torch.nn.functional.pad(getattr(o, name), (0, width - getattr(o, name).shape[1]),
+                                                      value=pad if name == "response_ids" else 0) for o in outs])
         from lightning_ctx.rollout import Rollout
 
         return Rollout(ids, mask, cat("response_ids"), cat("response_mask").bool(),

@@ -67,9 +67,9 @@ def build_tiny_model(family: str, vocab_size: int, layers: int = 2, width: int =
 
     cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
     extra = {"head_dim": width // heads} if family == "qwen3" else {}
-    config = cls(**extra,vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                 num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
-                 tie_word_embeddings=True, initializer_range=init_std)
+    config = cls(**extra, vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                 max_position_embeddings=max_positions, tie_word_embeddings=True, initializer_range=init_std)
     if tokenizer is not None:
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id

@@ -75,7 +75,7 @@ def state_plan(game) -> list[str]:
     st = game.env.state.game_state
     grid = [list(row) for row in st["grid"]]
     (pr, pc) = st["player_pos"]
-    grid = [["P" if (r, c) == (pr, pc) else ("H" if v == "H" else ("G" if v == "G" else " ")) for c, v in enumerate(row)]
+    grid = [["P" if (r, c) == (pr, pc) else (v if v in "HG" else " ") for c, v in enumerate(row)]
             for r, row in enumerate(grid)]
     board = "Current Board:\n" + "\n".join("|" + "|".join(f"  {v}  " for v in row) + "|" for row in grid)
     return frozenlake_plan(board)
