@@ -5,3 +5,9 @@
 * ``evaluate`` / ``callback``: pass rate with and without the experience on the same seeds;
 * ``extract``: ``lightning-ctx extract``, the experience written by the model from its own games.
 """
+
+from lightning_ctx.tasks.games.callback import GameEvalCallback
+from lightning_ctx.tasks.games.datamodule import GamesDataModule
+from lightning_ctx.tasks.games.env import GameFactory, GameOutcome, TextGame
+
+__all__ = ["GameEvalCallback", "GamesDataModule", "GameFactory", "GameOutcome", "TextGame"]

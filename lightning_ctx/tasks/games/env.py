@@ -148,3 +148,14 @@ class TextGame:
 
 def make_games(env_id: str, seeds: list[int], max_turns: int) -> list[TextGame]:
     return [TextGame(env_id, int(s), max_turns) for s in seeds]
+
+
+@dataclass(frozen=True)
+class GameFactory:
+    """Picklable ``seeds -> [TextGame]`` for one environment and turn limit (DataLoader workers can use it)."""
+
+    env_id: str
+    max_turns: int
+
+    def __call__(self, seeds) -> list[TextGame]:
+        return make_games(self.env_id, list(seeds), self.max_turns)
