@@ -35,7 +35,7 @@ def tiny_teacher(tmp_path_factory):
     from lightning_ctx.tasks.games.env import GAME_WORDS
 
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "q", "qwen3", seed=9, extra_words=GAME_WORDS,
-                                    max_positions=4096))
+                                    max_positions=16384))
 
 
 @pytest.mark.slow

@@ -28,7 +28,10 @@ def test_splits_are_disjoint_seed_ranges_and_batches_are_games(tiny_qwen3):
     assert seeds["val"] != [r.meta["seed"] for r in _dm(tiny_qwen3, data_seed=1).records("val")]
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, EpisodeBatch) and len(batch) == 4 and set(batch.seeds) <= set(seeds["train"])
-    assert batch.context == "Experience: PLAN" and dm.longest_prompt() > 50
+    assert batch.context == "Experience: PLAN" and dm.longest_first_prompt() > 50
+    # episodes are sized whole: the first prompt and max_turns - 1 turns with their feedback
+    assert 20 < dm.feedback_tokens() < 200
+    assert dm.longest_prompt() == dm.longest_first_prompt() + 2 * (256 + dm.feedback_tokens())
 
 
 def test_experience_from_a_file_and_the_errors(tiny_qwen3, tmp_path):
