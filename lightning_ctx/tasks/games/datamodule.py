@@ -58,15 +58,15 @@ class GamesDataModule(ContextPairDataModule):
         Other arguments as in ``ContextPairDataModule``.
     """
 
-    KNOB_CHECKS = (at_least("max_turns", 1), at_least("turn_tokens", 1), at_least("n_train", 1), at_least("n_val", 0), at_least("n_test", 0),
-                   at_least("data_seed", 0), existing_file("experience_file"))
+    KNOB_CHECKS = (at_least("max_turns", 1), at_least("turn_tokens", 1), at_least("n_train", 1), at_least("n_val", 0),
+                   at_least("n_test", 0), at_least("data_seed", 0), existing_file("experience_file"))
 
     def __init__(self, env_id: str = "FrozenLake-v0-raw", max_turns: int = 5, n_train: int = 1000, n_val: int = 64,
                  n_test: int = 0, data_seed: int = 0, experience: str = "", experience_file: Optional[str] = None,
-                 turn_tokens: int = 256, enable_thinking: Optional[bool] = None, keep_reasoning: bool = True, tokenizer: Optional[str] = None,
-                 batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 8192,
-                 template: str = "chat", max_eval_items: Optional[int] = None, num_workers: int = 0,
-                 shuffle: bool = True, seed: int = 0):
+                 turn_tokens: int = 256, enable_thinking: Optional[bool] = None, keep_reasoning: bool = True,
+                 tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
+                 max_prompt_length: int = 8192, template: str = "chat", max_eval_items: Optional[int] = None,
+                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
         check_class_args(GamesDataModule, locals(), "data.")
         check_env_id(env_id)
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
