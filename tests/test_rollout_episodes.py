@@ -197,3 +197,34 @@ def test_loss_on_episodes_equals_per_episode_unpadded_passes(tiny_qwen3, live):
     assert terms["opd"].item() == pytest.approx(opd_sum / n, rel=1e-4)
     assert terms["anchor"].item() == pytest.approx(anchor_sum / n, rel=1e-4)
     assert terms["opd"].item() > 1e-3  # not vacuous: the perturbed student differs from the teacher
+
+
+NEWLINE_CHATML = (  # ChatML with newlines (as real Qwen templates write it) and a thinking switch
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_feedback_turn_is_what_the_template_writes_after_the_end_of_turn_token(tok):
+    """The user turn after a move starts right after the student's end-of-turn token (the template's newline
+    included) and ends with the next generation prompt; templates that ignore enable_thinking are not sent it."""
+    from lightning_ctx.errors import DataError
+    from lightning_ctx.models.tiny import LLAMA3_TEMPLATE
+
+    tok = load_tokenizer(tok.name_or_path)
+    tok.chat_template = NEWLINE_CHATML
+    plain, no_think = _chat(tok), _chat(tok, enable_thinking=False)
+    assert plain.feedback_prefix == "\n<|im_start|>user\n"
+    assert plain.feedback_suffix == "<|im_end|>\n<|im_start|>assistant\n"
+    assert no_think.feedback_suffix.endswith("assistant\n<think>\n\n</think>\n\n")
+    assert no_think.template_kwargs == {"enable_thinking": False}
+    tok.chat_template = LLAMA3_TEMPLATE  # no enable_thinking in it: not passed; its end-of-turn token is not ours
+    with pytest.raises(DataError, match="does not close an assistant turn"):
+        _chat(tok, enable_thinking=False)
+    from lightning_ctx.models.tiny import build_tiny_tokenizer
+
+    llama = build_tiny_tokenizer("llama")
+    chat = ChatFormat(llama, [llama.eos_token_id], enable_thinking=False)
+    assert chat.template_kwargs == {} and chat.feedback_prefix == " <|start_header_id|>user<|end_header_id|> "
+    assert chat.feedback_suffix == "<|eot_id|> <|start_header_id|>assistant<|end_header_id|> "
