@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_ctx.rollout_episodes import THINK_CLOSE, ChatFormat, Episode, TurnSampler
+from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, ChatFormat, Episode, TurnSampler
 from lightning_ctx.tasks.games.datamodule import SPLIT_OFFSETS
 from lightning_ctx.tasks.games.env import GameFactory, check_env_id
 from lightning_ctx.tasks.games.evaluate import pass_rate
@@ -71,8 +71,11 @@ def reflection_prompt(game: str, experience: str, episodes: Sequence[Episode], m
 
 
 def clean_reply(reply: str) -> str:
-    """The revised experience: the reply without a reasoning block."""
-    return (reply.split(THINK_CLOSE)[-1] if THINK_CLOSE in reply else reply).strip()
+    """The revised experience: the reply without a reasoning block ("" when the reply ended inside one, i.e. the
+    token budget ran out while reasoning: a failed revision, not an experience)."""
+    if THINK_CLOSE in reply:
+        return reply.split(THINK_CLOSE)[-1].strip()
+    return "" if THINK_OPEN in reply else reply.strip()
 
 
 @dataclass

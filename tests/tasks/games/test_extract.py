@@ -59,6 +59,7 @@ def test_the_loop_keeps_the_best_experience_by_validation_pass_rate(tiny_qwen3, 
 
 def test_clean_reply():
     assert clean_reply("<think> a </think>\n notes \n") == "notes" and clean_reply(" notes") == "notes"
+    assert clean_reply("<think> ran out of tokens while reasoning") == ""  # a failed revision
 
 
 @pytest.mark.slow  # loads and decodes a model (no Trainer.fit)
