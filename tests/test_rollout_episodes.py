@@ -225,6 +225,8 @@ def test_feedback_turn_is_what_the_template_writes_after_the_end_of_turn_token(t
     from lightning_ctx.models.tiny import build_tiny_tokenizer
 
     llama = build_tiny_tokenizer("llama")
+    with pytest.raises(DataError, match="keep_reasoning: false needs <think>"):
+        ChatFormat(llama, [llama.eos_token_id], keep_reasoning=False)
     chat = ChatFormat(llama, [llama.eos_token_id], enable_thinking=False)
     assert chat.template_kwargs == {} and chat.feedback_prefix == " <|start_header_id|>user<|end_header_id|> "
     assert chat.feedback_suffix == "<|eot_id|> <|start_header_id|>assistant<|end_header_id|> "
