@@ -1,4 +1,4 @@
-"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare`` and ``pretrain-world``.
+"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare``, ``pretrain-world``, ``extract``.
 
 Configs are YAML (``parser_mode="omegaconf"``, so values can be shared with ``${...}``).
 User errors (bad data, missing model, vocab mismatch) print one line and exit with status 2 before
@@ -346,6 +346,7 @@ class ContextCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "compare": "lightning_ctx.compare_report:compare_main",
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
+    "extract": "lightning_ctx.tasks.games.extract:extract_main",
 }
 
 

@@ -103,8 +103,11 @@ class DistillationLoss:
         """
         mask, tokens = rollout.response_mask, rollout.response_ids
         chunk = self.chunk_for(tokens.shape[0])
-        student_in = join_prompt_and_response(batch.prompt_ids, batch.prompt_mask, tokens, mask)
-        ctx_in = join_prompt_and_response(batch.ctx_prompt_ids, batch.ctx_prompt_mask, tokens, mask)
+        # multi-turn episodes attend to observation tokens the loss masks out (lightning_ctx.rollout_episodes)
+        attention = getattr(rollout, "response_attention", None)
+        attention = mask if attention is None else attention
+        student_in = join_prompt_and_response(batch.prompt_ids, batch.prompt_mask, tokens, attention)
+        ctx_in = join_prompt_and_response(batch.ctx_prompt_ids, batch.ctx_prompt_mask, tokens, attention)
         opd, student_logits, teacher_s = self._teacher_term(student, teacher_fn, student_in, ctx_in, rollout, chunk,
                                                             token_scale)
         out = {"opd": opd}

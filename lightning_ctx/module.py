@@ -30,6 +30,7 @@ from lightning_ctx.models.scoring import response_logits
 from lightning_ctx.models.teachers import build_student_and_teacher
 from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
+from lightning_ctx.rollout_episodes import EpisodeBatch
 
 
 def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
@@ -72,9 +73,18 @@ def log_terms(module: pl.LightningModule, stage: str, terms: dict[str, torch.Ten
                batch_size=batch_size, sync_dist=True)
     module.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
                batch_size=batch_size, sync_dist=True)
+    for name, value in getattr(rollout, "stats", {}).items():  # episode pass rate, turns, invalid moves
+        module.log(f"{stage}/{name}", float(value), on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                   sync_dist=True)
     if on_step:
         module.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
         module.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+
+
+def log_step_speed(module: pl.LightningModule, seconds: float, tokens: int, batch_size: int) -> None:
+    """Wall time of the whole step (backward and optimizer included) and sampled tokens per second over it."""
+    module.log("time/step_s", seconds, on_step=True, batch_size=batch_size)
+    module.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, batch_size=batch_size)
 
 
 def warm_up_rollouts(module: OnPolicyDistillation) -> Optional[float]:
@@ -267,7 +277,10 @@ class OnPolicyDistillation(pl.LightningModule):
     def model_step(self, batch: ContextPairBatch, local: bool = False) -> tuple[dict[str, torch.Tensor], Rollout]:
         """Shared by training and validation: sample on-policy, then compute every term."""
         t0 = time.perf_counter()
-        rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
+        if isinstance(batch, EpisodeBatch):  # multi-turn games: played, then scored like single responses
+            batch, rollout = batch.play(self.sample, self.device)
+        else:
+            rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
         retain_rollout = None
         if self.hparams.retain_weight > 0 and batch.retain_prompt_ids is not None:
             retain_rollout = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
@@ -323,10 +336,7 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._step_started is not None and outputs is not None:
-            elapsed = time.perf_counter() - self._step_started
-            self.log("time/step_s", elapsed, on_step=True, batch_size=len(batch))
-            self.log("train/tokens_per_s", getattr(self, "_last_tokens", 0) / max(elapsed, 1e-9), on_step=True,
-                     batch_size=len(batch))
+            log_step_speed(self, time.perf_counter() - self._step_started, getattr(self, "_last_tokens", 0), len(batch))
 
     # -- checkpoints hold the student; the teacher comes back from its source ----------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -29,6 +29,8 @@ DATA_MODULES = (
     ("lightning_ctx.tasks.mcqa.MCQADataModule",
      "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
     ("lightning_ctx.tasks.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
+    ("lightning_ctx.tasks.games.GamesDataModule",
+     "multi-turn TextArena games (Sokoban, FrozenLake), the context = an experience text"),
 )
 CALLBACK = "lightning_ctx.eval.ContextRemovabilityCallback"
 LOGGER = "lightning_ctx.tracking.MLflowLogger"

@@ -70,3 +70,14 @@ def _fits_are_marked_slow(request, monkeypatch):
     yield
     if fitted and request.node.get_closest_marker("slow") is None:
         pytest.fail("this test fits a model: mark it @pytest.mark.slow")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """A tiny random Qwen3 stand-in (Qwen3-style template with ``enable_thinking``) whose vocabulary has the game
+    moves, with room for multi-turn episodes (16384 positions)."""
+    from lightning_ctx.models.tiny import save_tiny_checkpoint
+    from lightning_ctx.tasks.games.env import GAME_WORDS
+
+    root = tmp_path_factory.mktemp("tiny_qwen3")
+    return str(save_tiny_checkpoint(root / "qwen3", "qwen3", seed=3, extra_words=GAME_WORDS, max_positions=16384))

@@ -1,0 +1,161 @@
+"""TextArena as the game engine: one single-player game, seeded, with our own turn limit (docs/design.md,
+"Multi-turn episodes"; facts measured on textarena 0.7.4 in tests/tasks/games/test_env.py).
+
+Only the ``-raw`` environments are used: they return the observations that are *new* since the last call
+as ``(sender, text, ObservationType)`` tuples. What the model sees each turn:
+
+* turn 1 (the first user message): the rules (``PROMPT``) and the board (``GAME_BOARD``), each block
+  de-indented, separated by a blank line;
+* after each move (the next user message): every new observation except the echo of the model's own move
+  (``PLAYER_ACTION``, already in the assistant turn): what happened (``GAME_ACTION_DESCRIPTION`` /
+  ``GAME_MESSAGE``), a warning after an invalid move (``GAME_ADMIN``) and the new board.
+
+An episode ends when the game ends (goal, hole, solved, or a second invalid move in a row: TextArena allows
+one and warns) or after ``max_turns`` model turns (ours, usually far below the registry's limit). Pass =
+reward == 1.0 (goal reached / every box on a target); the raw reward (TextArena's fraction of the journey or
+of boxes placed; at our turn limit the same fraction of the unfinished game) and the reason are kept.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from lightning_ctx.errors import ConfigError
+
+#: Environments used by the paper's text-game settings (any single-player ``-raw`` id of textarena works).
+GAME_IDS = ("FrozenLake-v0-raw", "Sokoban-v0-raw")
+TURN_LIMIT_REASON = "turn limit"
+#: Move words for word-level tiny stand-ins (``save_tiny_checkpoint(..., extra_words=GAME_WORDS)``), so a random
+#: model can emit valid moves.
+GAME_WORDS = ["[up]", "[down]", "[left]", "[right]", "[w]", "[a]", "[s]", "[d]", "Current", "Board:", "P", "X", "O",
+              "#", "_", "You", "moved", "move", "go", "invalid", "I", "experience", "Experience:", "plan", "PLAN"]
+INVALID_MARK = "attempted an invalid move"  # TextArena's warning after the first invalid move
+
+
+def import_textarena():
+    try:
+        import textarena
+    except ImportError:
+        raise ConfigError("the text games need TextArena: pip install 'lightning-ctx[games]' (or make install)",
+                          field="data.env_id") from None
+    return textarena
+
+
+def check_env_id(env_id: str) -> None:
+    """``env_id`` must be a registered ``-raw`` TextArena environment (see the module docstring)."""
+    ta = import_textarena()
+    from textarena.envs.registration import ENV_REGISTRY
+
+    if env_id not in ENV_REGISTRY:
+        raise ConfigError(f"is {env_id!r}, not a TextArena environment (e.g. {', '.join(GAME_IDS)})",
+                          field="data.env_id")
+    if not env_id.endswith("-raw"):
+        raise ConfigError(f"is {env_id!r}: use the '-raw' variant ({env_id}-raw); the wrapped ones repeat the whole "
+                          "game in every observation", field="data.env_id")
+    del ta
+
+
+@dataclass
+class GameOutcome:
+    """How one episode ended."""
+
+    reward: float
+    passed: bool
+    reason: str
+    turns: int  # model turns played (invalid ones included)
+    invalid_moves: int
+    ended_by: str  # "game" (the environment ended it) or "turn_limit"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def observation_text(entries) -> str:
+    """The user message for a list of raw observations (see the module docstring)."""
+    parts = []
+    for entry in entries:
+        _, text, kind = entry
+        if getattr(kind, "name", str(kind)) == "PLAYER_ACTION":
+            continue
+        text = inspect.cleandoc(str(text))
+        if text:
+            parts.append(text)
+    return "\n\n".join(parts)
+
+
+@dataclass
+class TextGame:
+    """One seeded TextArena game: ``reset() -> first user message``, ``step(move) -> (done, feedback)``.
+
+    ``feedback`` is the next user message ("" once the game is over). ``outcome`` is set once done.
+    """
+
+    env_id: str
+    seed: int
+    max_turns: int = 5
+    env: Any = field(default=None, repr=False)
+    turns: int = 0
+    invalid_moves: int = 0
+    outcome: Optional[GameOutcome] = None
+    moves: list[str] = field(default_factory=list)
+
+    def reset(self) -> str:
+        ta = import_textarena()
+        self.env = ta.make(self.env_id)
+        self.env.reset(num_players=1, seed=self.seed)
+        self.turns, self.invalid_moves, self.outcome, self.moves = 0, 0, None, []
+        _, obs = self.env.get_observation()
+        return observation_text(obs)
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def step(self, move: str) -> tuple[bool, str]:
+        if self.env is None or self.done:
+            raise RuntimeError(f"{self.env_id} seed {self.seed}: step() before reset() or after the game ended")
+        self.turns += 1
+        self.moves.append(move)
+        done, _ = self.env.step(move)
+        _, obs = self.env.get_observation()
+        feedback = observation_text(obs)
+        if done:
+            rewards, info = self.env.close()
+            info = (info or {}).get(0, {})
+            reward = float((rewards or {}).get(0, 0.0))
+            self.invalid_moves += int(bool(info.get("invalid_move")))
+            self._end(reward, str(info.get("reason", "")), "game")
+            return True, ""
+        self.invalid_moves += int(INVALID_MARK in feedback)
+        if self.turns >= self.max_turns:
+            self._end(self._partial_reward(), f"{TURN_LIMIT_REASON}: {self.max_turns} model turns", "turn_limit")
+            return True, ""
+        return False, feedback
+
+    def _partial_reward(self) -> float:
+        """TextArena's own progress fraction of an unfinished game (both games define it); 0 without one."""
+        fraction = getattr(self.env, "_get_percentage_completion", None)
+        reward = float(fraction()) if callable(fraction) else 0.0
+        return min(reward, 0.999999)  # an unfinished game never passes
+
+    def _end(self, reward: float, reason: str, ended_by: str) -> None:
+        self.outcome = GameOutcome(reward=reward, passed=reward == 1.0, reason=reason, turns=self.turns,
+                                   invalid_moves=self.invalid_moves, ended_by=ended_by)
+        self.env = None  # free the board
+
+
+def make_games(env_id: str, seeds: list[int], max_turns: int) -> list[TextGame]:
+    return [TextGame(env_id, int(s), max_turns) for s in seeds]
+
+
+@dataclass(frozen=True)
+class GameFactory:
+    """Picklable ``seeds -> [TextGame]`` for one environment and turn limit (DataLoader workers can use it)."""
+
+    env_id: str
+    max_turns: int
+
+    def __call__(self, seeds) -> list[TextGame]:
+        return make_games(self.env_id, list(seeds), self.max_turns)

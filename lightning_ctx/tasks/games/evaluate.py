@@ -1,0 +1,118 @@
+"""Episode-level evaluation on games: the same seeds played without and with the experience.
+
+| metric | definition |
+| --- | --- |
+| ``pass_no_ctx``, ``pass_ctx`` | fraction of games won (reward == 1.0) without / with the experience |
+| ``harm`` | won without and lost with, over won without (NaN when none was won without) |
+| ``help`` | lost without and won with, over lost without (NaN when all were won without) |
+| ``both_pass`` | won both ways |
+| ``reward_no_ctx``, ``reward_ctx`` | mean raw TextArena reward |
+| ``turns_no_ctx``, ``turns_ctx`` | mean model turns per game |
+| ``invalid_rate_no_ctx``, ``invalid_rate_ctx`` | invalid moves over model turns |
+| ``len_no_ctx``, ``len_ctx``, ``len_inflation`` | mean student tokens per game; ``len_ctx / len_no_ctx - 1`` |
+
+Greedy decoding by default, so the two passes differ only by the experience. ``transcripts`` holds one row per
+seed: both games' messages (as the student saw them), reward, pass, reason, turns and invalid moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lightning_ctx.rollout_episodes import ChatFormat, Episode, TurnSampler, play_episodes
+
+GAME_METRIC_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "both_pass", "reward_no_ctx", "reward_ctx",
+                    "turns_no_ctx", "turns_ctx", "invalid_rate_no_ctx", "invalid_rate_ctx", "len_no_ctx", "len_ctx",
+                    "len_inflation")
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+@dataclass
+class GameSummary:
+    """Per-game results of one pass (without or with the experience)."""
+
+    passed: list[bool] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    invalid: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, episodes: Sequence[Episode]) -> GameSummary:
+        s = cls()
+        for e in episodes:
+            s.passed.append(bool(e.outcome.passed))
+            s.rewards.append(float(e.outcome.reward))
+            s.turns.append(int(e.outcome.turns))
+            s.invalid.append(int(e.outcome.invalid_moves))
+            s.tokens.append(int(e.student_tokens))
+        return s
+
+    def rates(self, tag: str) -> dict[str, float]:
+        n = len(self.passed)
+        return {f"pass_{tag}": _ratio(sum(self.passed), n), f"reward_{tag}": _ratio(sum(self.rewards), n),
+                f"turns_{tag}": _ratio(sum(self.turns), n), f"invalid_rate_{tag}": _ratio(sum(self.invalid),
+                                                                                            sum(self.turns)),
+                f"len_{tag}": _ratio(sum(self.tokens), n)}
+
+
+def game_metrics(no_ctx: GameSummary, ctx: GameSummary) -> dict[str, float]:
+    """Every metric of the module docstring from the two passes over the same seeds (same order)."""
+    if len(no_ctx.passed) != len(ctx.passed):
+        raise ValueError(f"the two passes played {len(no_ctx.passed)} and {len(ctx.passed)} games")
+    pairs = list(zip(no_ctx.passed, ctx.passed))
+    won0 = sum(a for a, _ in pairs)
+    out = {**no_ctx.rates("no_ctx"), **ctx.rates("ctx")}
+    out["harm"] = _ratio(sum(a and not b for a, b in pairs), won0)
+    out["help"] = _ratio(sum(b and not a for a, b in pairs), len(pairs) - won0)
+    out["both_pass"] = _ratio(sum(a and b for a, b in pairs), len(pairs))
+    out["len_inflation"] = _ratio(out["len_ctx"], out["len_no_ctx"]) - 1
+    return {k: out[k] for k in GAME_METRIC_KEYS}
+
+
+def _row(tag: str, e: Episode) -> dict[str, Any]:
+    o = e.outcome
+    return {f"passed_{tag}": o.passed, f"reward_{tag}": o.reward, f"reason_{tag}": o.reason,
+            f"turns_{tag}": o.turns, f"invalid_moves_{tag}": o.invalid_moves, f"ended_by_{tag}": o.ended_by,
+            f"tokens_{tag}": e.student_tokens, f"transcript_{tag}": e.transcript}
+
+
+@dataclass
+class GameEvalResult:
+    metrics: dict[str, float]
+    transcripts: list[dict[str, Any]]
+    no_ctx: GameSummary
+    ctx: GameSummary
+
+
+def play_in_batches(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], context: Optional[str],
+                    pad_token_id: int, device: Any, batch_size: int) -> list[Episode]:
+    episodes: list[Episode] = []
+    for start in range(0, len(seeds), batch_size):
+        episodes += play_episodes(sample, chat, factory(seeds[start:start + batch_size]), context, pad_token_id,
+                                  device)
+    return episodes
+
+
+def evaluate_games(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], experience: str,
+                   pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> GameEvalResult:
+    """Play ``seeds`` twice with ``sample`` (the student): without the experience, then with it as the system
+    message; the metrics of the module docstring and one transcript row per seed."""
+    plain = play_in_batches(sample, chat, factory, seeds, None, pad_token_id, device, batch_size)
+    with_ctx = play_in_batches(sample, chat, factory, seeds, experience, pad_token_id, device, batch_size)
+    no_ctx, ctx = GameSummary.of(plain), GameSummary.of(with_ctx)
+    rows = [{"seed": int(s), **_row("no_ctx", a), **_row("ctx", b)} for s, a, b in zip(seeds, plain, with_ctx)]
+    return GameEvalResult(game_metrics(no_ctx, ctx), rows, no_ctx, ctx)
+
+
+def pass_rate(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], context: Optional[str],
+              pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> tuple[float, list[Episode]]:
+    """One pass (e.g. the teacher with the experience, or a candidate experience in ``extract``)."""
+    episodes = play_in_batches(sample, chat, factory, seeds, context, pad_token_id, device, batch_size)
+    return _ratio(sum(e.outcome.passed for e in episodes), len(episodes)), episodes
