@@ -210,10 +210,8 @@ class ContextPairDataModule(pl.LightningDataModule):
     def split_source(self, split: str) -> str:
         return str({"train": self.train_file, "val": self.val_file, "test": self.test_file}[split])
 
-    def validate(self) -> None:
-        """Load every configured split and check it end to end; raises ``DataError`` before training."""
-        if self._validated:
-            return
+    def _ensure_tokenizer(self) -> None:
+        """Standalone use (no ``connect``): load ``data.tokenizer`` by path."""
         if self.tokenizer is None:
             if self.tokenizer_path is None:
                 raise DataError("no tokenizer: set data.tokenizer (the CLI links it to model.student)",
@@ -221,6 +219,12 @@ class ContextPairDataModule(pl.LightningDataModule):
             from lightning_ctx.models.loading import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer_path)
+
+    def validate(self) -> None:
+        """Load every configured split and check it end to end; raises ``DataError`` before training."""
+        if self._validated:
+            return
+        self._ensure_tokenizer()
         self.renderer = PromptRenderer(self.tokenizer, self.template)
         parse = answer_parser(self.verifier)
         for split in ("train", "val", "test"):

@@ -105,13 +105,7 @@ class GamesDataModule(ContextPairDataModule):
         """Load the tokenizer if needed, derive the episode's chat pieces, size-check the first prompts."""
         if self._validated:
             return
-        if self.tokenizer is None:
-            if self.tokenizer_path is None:
-                raise DataError("no tokenizer: set data.tokenizer (the CLI links it to model.student)",
-                                field="data.tokenizer")
-            from lightning_ctx.models.loading import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.tokenizer_path)
+        self._ensure_tokenizer()
         self._longest = self._feedback = None
         self.chat = ChatFormat(self.tokenizer, [self.tokenizer.eos_token_id], enable_thinking=self.enable_thinking,
                                keep_reasoning=self.keep_reasoning)
