@@ -9,12 +9,12 @@
 from lightning_ctx.eval.callback import ContextRemovabilityCallback
 from lightning_ctx.eval.evaluator import EvalResult, EvalSettings, Evaluator, References, Sharding
 from lightning_ctx.eval.metrics import (
-                                        REMOVABILITY_KEYS,
-                                        ContextRemovability,
-                                        HiddenCosine,
-                                        MeanTokenKL,
-                                        RemovabilityMetrics,
-                                        Retention,
+    REMOVABILITY_KEYS,
+    ContextRemovability,
+    HiddenCosine,
+    MeanTokenKL,
+    RemovabilityMetrics,
+    Retention,
 )
 
 __all__ = ["ContextRemovabilityCallback", "Evaluator", "EvalResult", "EvalSettings", "References", "Sharding",
