@@ -14,6 +14,7 @@ from lightning_ctx.models.loading import (
     load_quantized_teacher,
     load_tokenizer,
     output_vocab_size,
+    parse_dtype,
 )
 from lightning_ctx.models.scoring import eval_mode
 
@@ -50,8 +51,8 @@ def build_student_and_teacher(student: str, teacher: Optional[str] = None, *, lo
     if base_teacher:
         return tokenizer, model, BaseWeightsTeacher(model), output_vocab_size(model)  # not a submodule
     if teacher is None:
-        # The initial student: a frozen copy, or re-loaded from its source when quantized.
-        frozen = frozen_copy(model) if teacher_quantization is None else load_frozen(student)
+        # The initial student: a frozen copy (in teacher_dtype when set), or re-loaded from its source when quantized.
+        frozen = frozen_copy(model, teacher_dtype) if teacher_quantization is None else load_frozen(student)
         return tokenizer, model, frozen, output_vocab_size(model)
     teacher_tok = load_tokenizer(teacher, trust_remote_code, local_files_only)
     frozen = load_frozen(teacher)
@@ -102,9 +103,12 @@ class BaseWeightsTeacher:
         return getattr(student, name)
 
 
-def frozen_copy(model):
-    """A frozen, eval-mode deep copy (the default teacher: the initial student)."""
+def frozen_copy(model, dtype: Optional[str] = None):
+    """A frozen, eval-mode deep copy (the default teacher: the initial student), cast to ``dtype`` when given
+    (``model.teacher_dtype``: e.g. a bfloat16 teacher beside float32 master weights)."""
     teacher = copy.deepcopy(model)
+    if dtype is not None:
+        teacher.to(parse_dtype(dtype))
     freeze(teacher)
     return teacher
 

@@ -40,3 +40,18 @@ def test_initial_model_is_not_the_quantized_teacher(quantized_self_teacher):
 def test_unquantized_self_teacher_is_the_initial_model(tiny_dirs):
     module = OnPolicyDistillation(student=tiny_dirs["qwen2"])
     assert initial_model(SimpleNamespace(global_step=5), module, before_training=False) is module.teacher
+
+
+def test_teacher_dtype_applies_to_the_frozen_copy_and_it_is_then_not_the_initial_model(tiny_dirs):
+    module = OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher_dtype="bfloat16")
+    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.student.parameters()} == {torch.float32}
+    assert initial_model(SimpleNamespace(global_step=0), module, before_training=True) is module.student
+    later = initial_model(SimpleNamespace(global_step=5), module, before_training=False)
+    assert later is not module.teacher and later is not module.student
+    assert {p.dtype for p in later.parameters()} == {torch.float32}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    torch.testing.assert_close(_logits(later, ids), _logits(module.student, ids), rtol=0, atol=0)
+    # the same dtype spelled differently is still the student's own weights
+    same = OnPolicyDistillation(student=tiny_dirs["qwen2"], teacher_dtype="fp32")
+    assert initial_model(SimpleNamespace(global_step=5), same, before_training=False) is same.teacher
