@@ -58,48 +58,6 @@ def first_nonfinite(terms: dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def log_terms(module: pl.LightningModule, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout,
-              batch_size: int) -> None:
-    """Per-batch values of ``stage``; the training loss terms are logged per optimizer step instead
-    (``OnPolicyDistillation.on_before_optimizer_step``: exact per-token means over the whole step)."""
-    on_step = stage == "train"
-    # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
-    # token-rescaled terms (see ``global_token_scale``) is the per-token mean over the global batch.
-    for name in ("loss", "opd", "anchor", "retain", "entropy"):
-        if name in terms and not on_step:
-            module.log(f"{stage}/{name}", terms[name].detach().float(), on_step=False, on_epoch=True,
-                       prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
-    module.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
-               batch_size=batch_size, sync_dist=True)
-    module.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
-               batch_size=batch_size, sync_dist=True)
-    for name, value in getattr(rollout, "stats", {}).items():  # episode pass rate, turns, invalid moves
-        module.log(f"{stage}/{name}", float(value), on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
-                   sync_dist=True)
-    if on_step:
-        module.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
-        module.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
-
-
-def log_step_speed(module: pl.LightningModule, seconds: float, tokens: int, batch_size: int) -> None:
-    """Wall time of the whole step (backward and optimizer included) and sampled tokens per second over it."""
-    module.log("time/step_s", seconds, on_step=True, batch_size=batch_size)
-    module.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, batch_size=batch_size)
-
-
-def warm_up_rollouts(module: OnPolicyDistillation) -> Optional[float]:
-    """One dummy decode of the training shape (batch size, longest prompt) before the timed steps: compilation,
-    CUDA graph capture and the static cache's sizing then stay out of them."""
-    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-    if not isinstance(dm, ContextPairDataModule):
-        return None
-    seconds = module.engine.warmup(module.student, dm.batch_size, dm.longest_prompt(), module.sampling,
-                                   module.eos_token_ids, module.pad_token_id)
-    for logger in module.loggers:
-        logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)
-    return seconds
-
-
 class NonFiniteLossError(FloatingPointError):
     """Raised when a loss term is NaN/inf; names the step and the term."""
 
@@ -297,7 +255,7 @@ class OnPolicyDistillation(pl.LightningModule):
         bad = first_nonfinite(terms)
         if any_rank(trainer, bad is not None):
             return self._nonfinite_step(trainer, bad, terms)
-        log_terms(self, "train", terms, rollout, batch_size=len(batch))
+        self.log_terms("train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
         hp = self.hparams
         return self.step_tokens.add(trainer, terms, hp.anchor_weight, hp.retain_weight)
@@ -324,11 +282,45 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        log_terms(self, "val", terms, rollout, batch_size=len(batch))
+        self.log_terms("val", terms, rollout, batch_size=len(batch))
 
     def test_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch)
-        log_terms(self, "test", terms, rollout, batch_size=len(batch))
+        self.log_terms("test", terms, rollout, batch_size=len(batch))
+
+    # -- logging ------------------------------------------------------------------------------------
+    def log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
+        """Per-batch values of ``stage``; the training loss terms are logged per optimizer step instead
+        (``on_before_optimizer_step``: exact per-token means over the whole step)."""
+        on_step = stage == "train"
+        # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
+        # token-rescaled terms (see ``global_token_scale``) is the per-token mean over the global batch.
+        for name in ("loss", "opd", "anchor", "retain", "entropy"):
+            if name in terms and not on_step:
+                self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=False, on_epoch=True,
+                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=True)
+        for name, value in getattr(rollout, "stats", {}).items():  # episode pass rate, turns, invalid moves
+            self.log(f"{stage}/{name}", float(value), on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                     sync_dist=True)
+        if on_step:
+            self.log("time/rollout_s", terms["time_rollout_s"], on_step=True, batch_size=batch_size)
+            self.log("time/teacher_s", terms["time_teacher_s"], on_step=True, batch_size=batch_size)
+
+    def warm_up_rollouts(self) -> Optional[float]:
+        """One dummy decode of the training shape (batch size, longest prompt) before the timed steps: compilation,
+        CUDA graph capture and the static cache's sizing then stay out of them."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(dm, ContextPairDataModule):
+            return None
+        seconds = self.engine.warmup(self.student, dm.batch_size, dm.longest_prompt(), self.sampling,
+                                     self.eos_token_ids, self.pad_token_id)
+        for logger in self.loggers:
+            logger.log_metrics({"time/rollout_warmup_s": seconds}, step=0)
+        return seconds
 
     # -- timing (tokens/s over the whole step, backward and optimizer included) -------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -336,7 +328,10 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._step_started is not None and outputs is not None:
-            log_step_speed(self, time.perf_counter() - self._step_started, getattr(self, "_last_tokens", 0), len(batch))
+            seconds = time.perf_counter() - self._step_started
+            self.log("time/step_s", seconds, on_step=True, batch_size=len(batch))
+            self.log("train/tokens_per_s", getattr(self, "_last_tokens", 0) / max(seconds, 1e-9), on_step=True,
+                     batch_size=len(batch))
 
     # -- checkpoints hold the student; the teacher comes back from its source ----------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -364,7 +359,7 @@ class OnPolicyDistillation(pl.LightningModule):
             # sampling noise (correlated rollouts) and the same dropout masks.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
         if self.hparams.get("rollout_warmup", True) and hasattr(self.engine, "warmup"):
-            warm_up_rollouts(self)
+            self.warm_up_rollouts()
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

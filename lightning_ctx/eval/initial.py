@@ -26,20 +26,19 @@ def initial_model(trainer, pl_module, before_training: bool):
     if before_training and trainer is not None and trainer.global_step == 0:
         return pl_module.student
     if teacher_src is None and altered and get("student"):
-        return unquantized_initial_student(pl_module)
+        return unquantized_initial_student(pl_module.student, pl_module.hparams)
     return None
 
 
-def unquantized_initial_student(pl_module):
-    """The initial student in full precision: the LoRA base weights with the adapter off, or ``model.student``
-    re-loaded (frozen, on the student's device; freed when the references are done)."""
+def unquantized_initial_student(student, hp):
+    """The initial ``student`` with its own weights: the LoRA base weights with the adapter off, or ``model.student``
+    (``hp``: the module's hyperparameters) re-loaded (frozen, on the student's device; freed when the references are
+    done)."""
     from lightning_ctx.models.loading import freeze, load_causal_lm
     from lightning_ctx.models.teachers import BaseWeightsTeacher
 
-    student = pl_module.student
     if hasattr(student, "disable_adapter"):
         return BaseWeightsTeacher(student)
-    hp = pl_module.hparams
     model = load_causal_lm(hp.student, hp.get("dtype", "float32"), hp.get("trust_remote_code", False),
                            hp.get("local_files_only", True))
     freeze(model)
