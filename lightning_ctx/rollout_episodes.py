@@ -1,27 +1,26 @@
-"""Multi-turn on-policy episodes against an environment, as one token sequence each (docs/design.md,
-"Multi-turn episodes").
+"""Multi-turn on-policy episodes against an environment (docs/design.md, "Multi-turn episodes").
 
-An episode is ``[system?] user(observation) assistant(turn 1) user(feedback) assistant(turn 2) ...``. The
-student samples every assistant turn *without* the context; the environment's messages are appended as user
-turns through the chat template. The sequence is built token by token, so what the student was conditioned
-on when it sampled turn k is exactly the prefix of the final sequence (on-policy for every turn):
+The student plays every turn *without* the context; the environment answers; the teacher (and the anchored term's
+with-context pass) score the student's tokens *with* it. Two formats, one invariant: **every scored token is scored
+under exactly the prefix it was sampled with**.
 
-* ``ChatFormat.first_prompt_ids(observation, context)``: the rendered first user turn and the assistant
-  generation prompt (with the context as the system message, or none);
-* after a turn (the student's tokens through its end-of-turn token), ``ChatFormat.feedback_ids(text)``: what
-  the template writes after that end-of-turn token up to the next assistant generation prompt, with the
-  feedback as the user message (derived once from the template with marker strings);
-* a turn cut at ``max_new_tokens`` gets the end-of-turn token appended as a template token (masked out).
+* ``per_turn`` (:class:`PerTurnFormat`, OPCD's protocol): each model turn is one sample. Its prompt is one user
+  message: a fixed preamble, the experience (teacher and anchor side only; the student's own when it is evaluated
+  with it), and the game so far as text (``history: actions``: the game's own log, where each earlier move appears as
+  the action the environment received, as in OPCD; ``history: replies``: each earlier reply as written, its
+  reasoning block dropped unless ``keep_reasoning``). The response is the turn's sampled tokens, reasoning included.
+  Turns of all games of a batch are scored together, one row each.
+* ``single_sequence`` (:class:`SingleSequenceFormat`): the episode as one chat ``[system?] user(observation)
+  assistant(turn 1) user(feedback) ...``, built token by token, so each turn's prefix is a prefix of the final
+  sequence: one row per episode, the loss mask exactly on sampled tokens (each turn through its end-of-turn token),
+  0 on observations, feedback, template tokens and padding; ``response_attention`` 1 on every real token. With
+  ``keep_reasoning: false`` later turns see earlier turns without their ``<think>`` block (what Qwen3's template does
+  to history), so the running sequence is no longer what each turn was sampled under: each turn is then scored as
+  its own row, prefix = exactly the sequence it was sampled from.
 
-``EpisodeRollout.response_mask`` (the loss mask) is 1 exactly on the tokens the student sampled (each turn
-including its end-of-turn token) and 0 on observations, feedback, template tokens and padding;
-``response_attention`` is 1 on every real token. The teacher and the anchored term's with-context pass score
-``[context prefix | the same response block]``: alignment is by turn (the same assistant tokens, shifted by the
-context's length), because everything after the first prompt is identical token for token.
-
-Thinking models: ``enable_thinking`` is passed to chat templates that read it; ``keep_reasoning=False`` cuts
-each finished turn's ``<think>...</think>`` span from the running sequence (what Qwen3's template does to
-earlier turns), so later turns never see it and the loss covers the tokens that remain.
+The environment gets the reply without its reasoning block (``ChatFormat.move_text``); a turn that stops with any
+end-of-sequence id (Qwen3's generation config has two) or is cut at ``max_new_tokens`` is closed with the
+template's own end-of-turn token before the next user turn (a template token: never in the loss).
 """
 
 from __future__ import annotations
@@ -39,6 +38,8 @@ from lightning_ctx.rollout import Rollout
 
 MOVE, FEEDBACK = "@@MOVE@@", "@@FEEDBACK@@"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EPISODE_FORMATS = ("per_turn", "single_sequence")
+HISTORIES = ("actions", "replies")
 
 TurnSampler = Callable[[torch.Tensor, torch.Tensor], Rollout]  # (left-padded ids, mask) -> one turn each
 
@@ -58,7 +59,11 @@ def template_reads(tokenizer, name: str) -> bool:
 
 
 class ChatFormat:
-    """The chat template's pieces of an episode, as token ids (see the module docstring)."""
+    """The chat template's pieces of an episode, as token ids.
+
+    ``eos_token_ids``: every id that ends a turn when sampled (the generation config's, e.g. Qwen3's ``<|im_end|>``
+    and ``<|endoftext|>``); ``end_of_turn`` is the one the template itself writes after an assistant turn.
+    """
 
     def __init__(self, tokenizer, eos_token_ids: Sequence[int], enable_thinking: Optional[bool] = None,
                  keep_reasoning: bool = True):
@@ -67,7 +72,6 @@ class ChatFormat:
                             path=getattr(tokenizer, "name_or_path", None), field="chat_template")
         self.tokenizer = tokenizer
         self.eos_token_ids = sorted(set(int(e) for e in eos_token_ids))
-        self.end_of_turn = self.eos_token_ids[0]
         # passed only to templates that read it (others would ignore it; saying so keeps the record honest)
         self.template_kwargs = ({"enable_thinking": enable_thinking}
                                 if enable_thinking is not None and template_reads(tokenizer, "enable_thinking") else {})
@@ -79,7 +83,7 @@ class ChatFormat:
                 raise DataError(f"keep_reasoning: false needs {THINK_OPEN} and {THINK_CLOSE} tokens in the vocabulary",
                                 path=getattr(tokenizer, "name_or_path", None), field="data.keep_reasoning")
             self.think_ids = tuple(ids)
-        self.feedback_prefix, self.feedback_suffix = self._feedback_template()
+        self.end_of_turn, self.feedback_prefix, self.feedback_suffix = self._feedback_template()
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
@@ -88,7 +92,11 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids  # chat templates write their own BOS
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.eos_token_ids], skip_special_tokens=True)
+
     def first_prompt_ids(self, observation: str, context: Optional[str] = None) -> list[int]:
+        """``[system: context?] user: observation`` and the assistant generation prompt."""
         messages = ([{"role": "system", "content": context}] if context else []) + [
             {"role": "user", "content": observation}]
         return self.encode(self.render(messages, generation_prompt=True))
@@ -96,15 +104,17 @@ class ChatFormat:
     def feedback_ids(self, feedback: str) -> list[int]:
         return self.encode(self.feedback_prefix + feedback + self.feedback_suffix)
 
-    def _feedback_template(self) -> tuple[str, str]:
+    def _feedback_template(self) -> tuple[int, str, str]:
+        """The template's end-of-turn id, and what it writes after it up to the next generation prompt around a
+        user message (derived once from the template with marker strings)."""
         text = self.render([{"role": "user", "content": "first"}, {"role": "assistant", "content": MOVE},
                             {"role": "user", "content": FEEDBACK}], generation_prompt=True)
         after = text.index(MOVE) + len(MOVE)
-        eos_texts = [self.tokenizer.convert_ids_to_tokens(i) for i in self.eos_token_ids]
-        ends = [(text.find(t, after), t) for t in eos_texts if t and text.find(t, after) >= 0]
+        eos = {self.tokenizer.convert_ids_to_tokens(i): i for i in self.eos_token_ids}
+        ends = [(text.find(t, after), t) for t in eos if t and text.find(t, after) >= 0]
         if not ends:
             raise DataError(f"the chat template does not close an assistant turn with an end-of-turn token "
-                            f"({', '.join(map(str, eos_texts))})", path=getattr(self.tokenizer, "name_or_path", None),
+                            f"({', '.join(map(str, eos))})", path=getattr(self.tokenizer, "name_or_path", None),
                             field="chat_template")
         start, eos_text = min(ends)
         segment = text[start + len(eos_text):]
@@ -112,12 +122,18 @@ class ChatFormat:
             raise DataError("cannot find where the chat template puts a user turn after an assistant turn",
                             field="chat_template")
         prefix, suffix = segment.split(FEEDBACK)
-        return prefix, suffix
+        return eos[eos_text], prefix, suffix
 
-    def move_text(self, turn_ids: list[int]) -> str:
-        """The text sent to the environment: the turn decoded, without a reasoning block."""
-        text = self.tokenizer.decode(turn_ids, skip_special_tokens=True)
-        return text.split(THINK_CLOSE)[-1] if THINK_CLOSE in text else text
+    def move_text(self, turn_ids: Sequence[int]) -> str:
+        """What the environment gets: the reply after its reasoning block ("" when the turn was cut inside it)."""
+        text = self.decode(turn_ids)
+        if THINK_CLOSE in text:
+            return text.split(THINK_CLOSE)[-1].strip()
+        return "" if THINK_OPEN in text else text.strip()
+
+    def visible_reply(self, turn_ids: Sequence[int]) -> str:
+        """An earlier reply as later turns see it: whole, or without its reasoning block (``keep_reasoning``)."""
+        return self.decode(turn_ids).strip() if self.keep_reasoning else self.move_text(turn_ids)
 
     def drop_reasoning(self, turn_ids: list[int]) -> list[int]:
         if self.think_ids is None or self.think_ids[0] not in turn_ids or self.think_ids[1] not in turn_ids:
@@ -127,17 +143,30 @@ class ChatFormat:
 
 
 @dataclass
+class Turn:
+    """One student turn: ``prefix`` is exactly the ids it was sampled from; ``response`` the sampled tokens
+    through the first end-of-sequence id; ``at`` where it sits in the episode (per_turn: history entries seen;
+    single_sequence: episode tokens before it)."""
+
+    prefix: list[int]
+    response: list[int]
+    finished: bool
+    at: int
+
+
+@dataclass
 class Episode:
-    """One played episode: the first prompt (no context), everything after it, and what happened."""
+    """One played episode: what the student saw, what it sampled, what happened."""
 
     game: Any
-    context: Optional[str]  # what the *student* saw as its system message (None in training rollouts)
+    context: Optional[str]  # what the *student* saw (None in training rollouts)
     observation: str  # the first user message
-    prompt_ids: list[int]
-    tokens: list[int] = field(default_factory=list)  # everything after the first prompt
-    loss_mask: list[int] = field(default_factory=list)  # 1 = sampled by the student
-    transcript: list[dict] = field(default_factory=list)  # [{"role", "content"}] as the student saw it
-    turns_finished: list[bool] = field(default_factory=list)  # each turn ended with an end-of-turn token
+    prompt_ids: list[int] = field(default_factory=list)  # single_sequence: the first prompt
+    tokens: list[int] = field(default_factory=list)  # single_sequence: everything after it
+    loss_mask: list[int] = field(default_factory=list)  # single_sequence: 1 = sampled by the student
+    history: list[str] = field(default_factory=list)  # per_turn: the game so far as text entries
+    turns: list[Turn] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)  # [{"role", "content", ...}] as the student saw it
 
     def append(self, ids: Sequence[int], sampled: bool) -> None:
         self.tokens.extend(int(i) for i in ids)
@@ -149,61 +178,20 @@ class Episode:
 
     @property
     def student_tokens(self) -> int:
-        return sum(self.loss_mask)
+        return sum(len(t.response) for t in self.turns)
 
-
-@torch.no_grad()
-def play_episodes(sample: TurnSampler, chat: ChatFormat, games: Sequence[Game], context: Optional[str] = None,
-                  pad_token_id: int = 0, device: Any = "cpu", max_turns: int = 1_000) -> list[Episode]:
-    """Play every game to its end with ``sample`` as the player, batched over the games still running.
-
-    ``context``: the student's system message (None: without the context, as in training rollouts). A game
-    ends itself (win, loss, invalid moves, its own turn limit); ``max_turns`` is a safety net only.
-    """
-    episodes = []
-    for game in games:
-        observation = game.reset()
-        ep = Episode(game, context, observation, chat.first_prompt_ids(observation, context))
-        ep.transcript = ([{"role": "system", "content": context}] if context else []) + [
-            {"role": "user", "content": observation}]
-        episodes.append(ep)
-    active = list(range(len(episodes)))
-    for _ in range(max_turns):
-        if not active:
-            break
-        ids, mask = left_pad([episodes[i].prompt_ids + episodes[i].tokens for i in active], pad_token_id)
-        turn = sample(ids.to(device), mask.to(device))
-        still = []
-        for row, i in enumerate(active):
-            ep = episodes[i]
-            keep = turn.response_mask[row].bool().cpu()
-            turn_ids = turn.response_ids[row].cpu()[keep].tolist()
-            finished = bool(turn.finished[row])
-            move = chat.move_text([t for t in turn_ids if t not in chat.eos_token_ids])
-            ep.transcript.append({"role": "assistant", "content": move if chat.keep_reasoning else move.strip(),
-                                  "raw": chat.tokenizer.decode(turn_ids), "finished": finished})
-            if not chat.keep_reasoning:
-                turn_ids = chat.drop_reasoning(turn_ids)
-            ep.append(turn_ids, sampled=True)
-            ep.turns_finished.append(finished)
-            if not finished:  # cut at max_new_tokens: close the turn as the template would (not sampled)
-                ep.append([chat.end_of_turn], sampled=False)
-            done, feedback = ep.game.step(move)
-            if not done:
-                ep.append(chat.feedback_ids(feedback), sampled=False)
-                ep.transcript.append({"role": "user", "content": feedback})
-                still.append(i)
-        active = still
-    return episodes
+    @property
+    def turns_finished(self) -> list[bool]:
+        return [t.finished for t in self.turns]
 
 
 @dataclass
 class EpisodeRollout(Rollout):
-    """A batch of episodes in the single-response ``Rollout`` shape the loss takes.
+    """Played episodes in the single-response ``Rollout`` shape the loss takes (one row per episode or per turn).
 
-    ``prompt_*``: the first prompts without the context (left-padded); ``response_ids``: everything after
-    them (right-padded); ``response_mask``: the loss mask (student tokens only); ``response_attention``: 1 on
-    every real token of the response block (the attention mask of the teacher-forced passes).
+    ``response_attention`` (single_sequence, one row per episode): 1 on every real token of the response block (the
+    attention mask of the teacher-forced passes), while ``response_mask`` is the loss mask; None when each row's
+    response is exactly its sampled tokens.
     """
 
     response_attention: Optional[torch.Tensor] = None
@@ -221,60 +209,239 @@ class EpisodeRollout(Rollout):
                 "episode_turns": turns / n,
                 "episode_invalid_rate": sum(o.invalid_moves for o in outcomes) / max(turns, 1)}
 
-
-def episode_rollout(episodes: Sequence[Episode], pad_token_id: int) -> EpisodeRollout:
-    """Stack played episodes into an :class:`EpisodeRollout` (CPU tensors)."""
-    prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in episodes], pad_token_id)
-    width = max(max(len(e.tokens) for e in episodes), 1)
-    B = len(episodes)
-    response = torch.full((B, width), pad_token_id, dtype=torch.long)
-    loss_mask = torch.zeros((B, width), dtype=torch.bool)
-    attention = torch.zeros((B, width), dtype=torch.long)
-    for i, e in enumerate(episodes):
-        n = len(e.tokens)
-        if n:
-            response[i, :n] = torch.as_tensor(e.tokens, dtype=torch.long)
-            loss_mask[i, :n] = torch.as_tensor(e.loss_mask, dtype=torch.bool)
-            attention[i, :n] = 1
-    finished = torch.tensor([all(e.turns_finished) for e in episodes], dtype=torch.bool)
-    return EpisodeRollout(prompt_ids, prompt_mask, response, loss_mask, loss_mask.sum(dim=1), finished,
-                          response_attention=attention, episodes=list(episodes))
+    def to(self, device) -> EpisodeRollout:
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "lengths", "finished",
+                     "response_attention"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
 
 
-def rollout_to(rollout: EpisodeRollout, device) -> EpisodeRollout:
-    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "lengths", "finished",
-                 "response_attention"):
-        setattr(rollout, name, getattr(rollout, name).to(device))
-    return rollout
+def turn_rows(rows: Sequence[tuple[list[int], list[int], list[int], bool]], episodes: Sequence[Episode],
+              ids: list[str], context: str, pad_token_id: int) -> tuple[ContextPairBatch, EpisodeRollout]:
+    """One scoring row per ``(prefix, prefix with the context, response, finished)``: the batch of prefixes without
+    and with the context (left-padded) and the responses (right-padded, the loss mask on every response token)."""
+    prompt_ids, prompt_mask = left_pad([r[0] for r in rows], pad_token_id)
+    ctx_ids, ctx_mask = left_pad([r[1] for r in rows], pad_token_id)
+    response, mask = _right_pad([r[2] for r in rows], [[1] * len(r[2]) for r in rows], pad_token_id)
+    finished = torch.tensor([r[3] for r in rows], dtype=torch.bool)
+    batch = ContextPairBatch(prompt_ids, prompt_mask, ctx_ids, ctx_mask, ids, [context] * len(rows),
+                             [""] * len(rows), [""] * len(rows))
+    return batch, EpisodeRollout(prompt_ids, prompt_mask, response, mask, mask.sum(dim=1), finished,
+                                 episodes=list(episodes))
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_token_id: int):
+    width = max([len(s) for s in seqs] + [1])
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        if s:
+            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, :len(s)] = torch.as_tensor(list(m), dtype=torch.bool)
+    return ids, mask
+
+
+class EpisodeFormat:
+    """How an episode becomes prompts and scoring rows (see the module docstring); subclasses fill in the four
+    steps, :func:`play_episodes` drives them."""
+
+    name = ""
+    context_role = "context"  # how a transcript names the context the student had (single_sequence: "system")
+
+    def __init__(self, chat: ChatFormat):
+        self.chat = chat
+
+    def start(self, ep: Episode) -> None:
+        raise NotImplementedError
+
+    def prompt(self, ep: Episode) -> list[int]:
+        """Exactly the ids the next turn is sampled from."""
+        raise NotImplementedError
+
+    def record(self, ep: Episode, turn: Turn, action: str, feedback: Optional[str]) -> None:
+        """Take a played turn into the episode (``feedback`` None: the game ended with it)."""
+        raise NotImplementedError
+
+    def score_inputs(self, episodes: Sequence[Episode], ids: list[str], context: str,
+                     pad_token_id: int) -> tuple[ContextPairBatch, EpisodeRollout]:
+        """The student's prefixes (as sampled), the same prefixes with ``context``, and the sampled tokens."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TurnPrompt:
+    """The per-turn user message (OPCD's structure in our wording): preamble, the experience block when there is
+    one, the game so far, the question."""
+
+    preamble: str = "You are an agent playing a game on a grid. Read the game so far, then choose your next move."
+    experience: str = ("Experience from earlier games (rules and strategies learned so far; they may be incomplete "
+                       "or wrong):\n{experience}")
+    situation: str = "The game so far:\n{history}"
+    question: str = "What is your next move? Write the move you choose in square brackets."
+    player_line: str = "Your move: {move}"
+
+    def text(self, history: Sequence[str], experience: Optional[str]) -> str:
+        parts = [self.preamble]
+        if experience:
+            parts.append(self.experience.format(experience=experience))
+        parts += [self.situation.format(history="\n\n".join(history)), self.question]
+        return "\n\n".join(parts)
+
+
+class PerTurnFormat(EpisodeFormat):
+    name = "per_turn"
+
+    def __init__(self, chat: ChatFormat, history: str = "actions", prompt: TurnPrompt = TurnPrompt()):
+        super().__init__(chat)
+        if history not in HISTORIES:
+            raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
+        self.history, self.turn_prompt = history, prompt
+
+    def prompt_ids(self, history: Sequence[str], context: Optional[str]) -> list[int]:
+        text = self.turn_prompt.text(history, context)
+        return self.chat.encode(self.chat.render([{"role": "user", "content": text}], generation_prompt=True))
+
+    def start(self, ep: Episode) -> None:
+        ep.history = [ep.observation]
+
+    def prompt(self, ep: Episode) -> list[int]:
+        return self.prompt_ids(ep.history, ep.context)
+
+    def record(self, ep: Episode, turn: Turn, action: str, feedback: Optional[str]) -> None:
+        move = action if self.history == "actions" else self.chat.visible_reply(turn.response)
+        ep.history.append(self.turn_prompt.player_line.format(move=move))
+        if feedback is not None:
+            ep.history.append(feedback)
+
+    def score_inputs(self, episodes, ids, context, pad_token_id):
+        rows, row_ids = [], []
+        for game_id, ep in zip(ids, episodes):
+            for k, t in enumerate(ep.turns):
+                rows.append((t.prefix, self.prompt_ids(ep.history[:t.at], context), t.response, t.finished))
+                row_ids.append(f"{game_id}/turn{k + 1}")
+        return turn_rows(rows, episodes, row_ids, context, pad_token_id)
+
+
+class SingleSequenceFormat(EpisodeFormat):
+    name = "single_sequence"
+    context_role = "system"
+
+    def start(self, ep: Episode) -> None:
+        ep.prompt_ids = self.chat.first_prompt_ids(ep.observation, ep.context)
+
+    def prompt(self, ep: Episode) -> list[int]:
+        return ep.prompt_ids + ep.tokens
+
+    def record(self, ep: Episode, turn: Turn, action: str, feedback: Optional[str]) -> None:
+        seen = turn.response if self.chat.keep_reasoning else self.chat.drop_reasoning(turn.response)
+        # Sampled in place only when later turns see the turn as sampled (else each turn is scored on its own row)
+        ep.append(seen, sampled=self.chat.keep_reasoning)
+        if not seen or seen[-1] != self.chat.end_of_turn:  # cut, or stopped by another EOS id: close the turn
+            ep.append([self.chat.end_of_turn], sampled=False)
+        if feedback is not None:
+            ep.append(self.chat.feedback_ids(feedback), sampled=False)
+
+    def score_inputs(self, episodes, ids, context, pad_token_id):
+        ctx_first = [self.chat.first_prompt_ids(e.observation, context) for e in episodes]
+        if not self.chat.keep_reasoning:  # each turn under exactly its own prefix
+            rows, row_ids = [], []
+            for game_id, ep, first in zip(ids, episodes, ctx_first):
+                for k, t in enumerate(ep.turns):
+                    rows.append((t.prefix, first + ep.tokens[:t.at], t.response, t.finished))
+                    row_ids.append(f"{game_id}/turn{k + 1}")
+            return turn_rows(rows, episodes, row_ids, context, pad_token_id)
+        # one row per episode: every turn's prefix is a prefix of the final sequence
+        prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in episodes], pad_token_id)
+        ctx_ids, ctx_mask = left_pad(ctx_first, pad_token_id)
+        response, loss_mask = _right_pad([e.tokens for e in episodes], [e.loss_mask for e in episodes], pad_token_id)
+        _, attention = _right_pad([e.tokens for e in episodes], [[1] * len(e.tokens) for e in episodes],
+                                  pad_token_id)
+        finished = torch.tensor([all(e.turns_finished) for e in episodes], dtype=torch.bool)
+        batch = ContextPairBatch(prompt_ids, prompt_mask, ctx_ids, ctx_mask, list(ids), [context] * len(episodes),
+                                 [e.observation for e in episodes], [""] * len(episodes))
+        return batch, EpisodeRollout(prompt_ids, prompt_mask, response, loss_mask, loss_mask.sum(dim=1), finished,
+                                     response_attention=attention.long(), episodes=list(episodes))
+
+
+def build_format(name: str, chat: ChatFormat, history: str = "actions") -> EpisodeFormat:
+    if name == "per_turn":
+        return PerTurnFormat(chat, history)
+    if name == "single_sequence":
+        return SingleSequenceFormat(chat)
+    raise ValueError(f"episode format must be one of {EPISODE_FORMATS}, got {name!r}")
+
+
+@torch.no_grad()
+def play_episodes(sample: TurnSampler, fmt: EpisodeFormat, games: Sequence[Game], context: Optional[str] = None,
+                  pad_token_id: int = 0, device: Any = "cpu", max_turns: int = 1_000) -> list[Episode]:
+    """Play every game to its end with ``sample`` as the player, batched over the games still running.
+
+    ``context``: what the student sees (None: without the context, as in training rollouts). A game ends itself
+    (win, loss, invalid moves, its own turn limit); ``max_turns`` is a safety net only.
+    """
+    chat = fmt.chat
+    episodes = []
+    for game in games:
+        observation = game.reset()
+        ep = Episode(game, context, observation)
+        fmt.start(ep)
+        ep.transcript = ([{"role": fmt.context_role, "content": context}] if context else []) + [
+            {"role": "user", "content": observation}]
+        episodes.append(ep)
+    active = list(range(len(episodes)))
+    for _ in range(max_turns):
+        if not active:
+            break
+        prefixes = [fmt.prompt(episodes[i]) for i in active]
+        ids, mask = left_pad(prefixes, pad_token_id)
+        sampled = sample(ids.to(device), mask.to(device))
+        still = []
+        for row, i in enumerate(active):
+            ep = episodes[i]
+            keep = sampled.response_mask[row].bool().cpu()
+            turn = Turn(prefixes[row], sampled.response_ids[row].cpu()[keep].tolist(), bool(sampled.finished[row]),
+                        at=len(ep.history) if fmt.name == "per_turn" else len(ep.tokens))
+            ep.turns.append(turn)
+            move = chat.move_text(turn.response)
+            done, feedback = ep.game.step(move)
+            action = getattr(ep.game, "last_action", move)
+            ep.transcript.append({"role": "assistant", "content": chat.visible_reply(turn.response),
+                                  "raw": chat.tokenizer.decode(turn.response), "action": action,
+                                  "finished": turn.finished})
+            fmt.record(ep, turn, action, None if done else feedback)
+            if not done:
+                ep.transcript.append({"role": "user", "content": feedback})
+                still.append(i)
+        active = still
+    return episodes
 
 
 class EpisodeBatch:
     """A training batch of games (seeds) that plays itself with the student: ``batch.play(sample, device)``.
 
     ``OnPolicyDistillation.model_step`` calls ``play`` instead of sampling single responses; it returns the
-    :class:`ContextPairBatch` of first prompts without / with the context (the experience as the system message)
-    and the :class:`EpisodeRollout`, the shapes the loss takes. Not a dataclass, so Lightning's device transfer
-    leaves it alone (the tensors are made on ``device`` when played).
+    :class:`ContextPairBatch` of prefixes without / with the context and the :class:`EpisodeRollout`, the shapes the
+    loss takes. Not a dataclass, so Lightning's device transfer leaves it alone (tensors are made on ``device``).
     """
 
     def __init__(self, ids: list[str], seeds: list[int], context: str, make_games: Callable[[list[int]], list],
-                 chat: ChatFormat, pad_token_id: int):
+                 fmt: EpisodeFormat, pad_token_id: int):
         self.ids, self.seeds, self.context = ids, seeds, context
-        self.make_games, self.chat, self.pad_token_id = make_games, chat, pad_token_id
+        self.make_games, self.fmt, self.pad_token_id = make_games, fmt, pad_token_id
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def play(self, sample: TurnSampler, device: Any = "cpu") -> tuple[ContextPairBatch, EpisodeRollout]:
-        episodes = play_episodes(sample, self.chat, self.make_games(self.seeds), None, self.pad_token_id, device)
+        episodes = play_episodes(sample, self.fmt, self.make_games(self.seeds), None, self.pad_token_id, device)
         return self.score_inputs(episodes, device)
 
     def score_inputs(self, episodes: Sequence[Episode], device: Any = "cpu"
                      ) -> tuple[ContextPairBatch, EpisodeRollout]:
-        rollout = rollout_to(episode_rollout(episodes, self.pad_token_id), device)
-        ctx_ids, ctx_mask = left_pad([self.chat.first_prompt_ids(e.observation, self.context) for e in episodes],
-                                     self.pad_token_id)
-        batch = ContextPairBatch(rollout.prompt_ids, rollout.prompt_mask, ctx_ids.to(device), ctx_mask.to(device),
-                                 list(self.ids), [self.context] * len(episodes), [e.observation for e in episodes],
-                                 [""] * len(episodes))
-        return batch, rollout
+        batch, rollout = self.fmt.score_inputs(episodes, list(self.ids), self.context, self.pad_token_id)
+        for name in ("prompt_ids", "prompt_mask", "ctx_prompt_ids", "ctx_prompt_mask"):
+            setattr(batch, name, getattr(batch, name).to(device))
+        rollout.prompt_ids, rollout.prompt_mask = batch.prompt_ids, batch.prompt_mask
+        return batch, rollout.to(device)

@@ -50,7 +50,8 @@ def test_game_config_fits_on_a_tiny_qwen3(config, tiny_qwen3, tiny_teacher, mlfl
     main(args)
     (run,) = mlflow.search_runs(experiment_names=["games"], output_format="list")
     m, params = run.data.metrics, run.data.params
-    for name in ("eval/pass_no_ctx", "eval/pass_ctx", "train/episode_pass", "train/episode_turns"):
+    for name in ("eval/pass_no_ctx", "eval/pass_ctx", "train/episode_pass", "train/episode_turns", "eval/ctx_kl",
+                 "eval/hidden_cos/mean"):
         assert 0 <= m[name] <= 5, name
     assert "eval/harm" in m or "eval/help" in m  # NaN harm (nothing won without) may be dropped by the store
     assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/anchor"])
@@ -66,5 +67,5 @@ def test_game_config_fits_on_a_tiny_qwen3(config, tiny_qwen3, tiny_teacher, mlfl
     data = json.loads(Path(client.download_artifacts(run.info.run_id, f"{steps[-1]}/transcripts.json")).read_text())
     assert len(data["games"]) == 4
     for g in data["games"]:
-        assert g["transcript_ctx"][0]["role"] == "system" and g["transcript_no_ctx"][0]["role"] == "user"
+        assert g["transcript_ctx"][0]["role"] == "context" and g["transcript_no_ctx"][0]["role"] == "user"
         assert g["turns_no_ctx"] >= 1 and isinstance(g["reason_ctx"], str)

@@ -38,7 +38,7 @@ import torch
 from lightning_ctx.data.render import PromptRenderer
 from lightning_ctx.eval.decoding import Answers, ResponseDecoder, as_record
 from lightning_ctx.eval.metrics import REMOVABILITY_KEYS, ContextRemovability, RemovabilityMetrics, Retention
-from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response, response_logits
+from lightning_ctx.models.scoring import ScoringInputs, eval_mode, join_prompt_and_response, response_logits
 from lightning_ctx.objectives import per_token_divergence
 from lightning_ctx.rollout import SamplingSettings
 
@@ -114,6 +114,25 @@ class Sharding:
         return gather_objects(obj)
 
 
+def update_context_mechanics(model, in0: ScoringInputs, in1: ScoringInputs, mask: torch.Tensor, layers: Sequence[int],
+                             vocab_size: int, ctx_kl, hidden) -> None:
+    """The mechanistic metrics of one batch: the same response tokens scored teacher-forced without (``in0``) and with
+    (``in1``) the context; ``ctx_kl`` gets the per-token KL(no-ctx || ctx) and ``hidden`` the hidden states of
+    ``layers`` at the response positions (``mask``: the scored tokens)."""
+    logits0, hid0 = response_logits(model, in0, vocab_size, output_hidden_states=True)
+    logits1, hid1 = response_logits(model, in1, vocab_size, output_hidden_states=True)
+    ctx_kl.update(per_token_divergence(logits0.float(), logits1.float(), mask, kind="reverse_kl"), mask)
+    R = in0.response_len
+    hidden.update([hid0[k][:, in0.prefix_len:in0.prefix_len + R] for k in layers],
+                  [hid1[k][:, in1.prefix_len:in1.prefix_len + R] for k in layers], mask)
+
+
+def name_hidden_layers(values: dict, layers: Sequence[int]) -> dict:
+    """``hidden_cos/layer_k`` keys named by their ``hidden_states`` index, not by their position in ``layers``."""
+    return {(f"hidden_cos/layer_{layers[int(k.rsplit('_', 1)[1])]}" if k.startswith("hidden_cos/layer_") else k): v
+            for k, v in values.items()}
+
+
 def resolve_layers(model, hidden_layers: Optional[Sequence[int]]) -> list[int]:
     """Indices into ``hidden_states`` (length ``L + 1``) compared by ``hidden_cos`` (None = every block)."""
     n_blocks = int(getattr(model.config, "num_hidden_layers"))
@@ -147,7 +166,7 @@ def _eval_modes(*models):
 
 
 @contextlib.contextmanager
-def _seeded(device: torch.device, seed: int):
+def seeded_rng(device: torch.device, seed: int):
     """A forked RNG seeded with ``seed``: the sampled evaluation leaves the training RNG untouched."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -256,10 +275,7 @@ class Evaluator(ResponseDecoder):
                 ret_rows += self._retention_batch(model, chunk, metrics, ref_ret, device)
                 if bar is not None:
                     bar.update(1)
-        values = metrics.compute()
-        # name hidden layers by their hidden_states index, not by their position in `layers`
-        out = {(f"hidden_cos/layer_{layers[int(k.rsplit('_', 1)[1])]}" if k.startswith("hidden_cos/layer_") else k): v
-               for k, v in values.items()}
+        out = name_hidden_layers(metrics.compute(), layers)
         if sampled is not None:
             sv = _quiet_compute(sampled)
             out.update({f"sampled/{k}": float(sv[k]) for k in REMOVABILITY_KEYS})
@@ -295,22 +311,16 @@ class Evaluator(ResponseDecoder):
     def _teacher_forced(self, model, a0: Answers, a1: Answers, layers, metrics) -> None:
         """``ctx_kl`` and ``hidden_cos``: the greedy no-context response scored without and with the context."""
         r0 = a0.rollout
-        vocab = self.vocab_size or _output_vocab_size(model)
         in0 = join_prompt_and_response(a0.prompt_ids, a0.prompt_mask, r0.response_ids, r0.response_mask)
         in1 = join_prompt_and_response(a1.prompt_ids, a1.prompt_mask, r0.response_ids, r0.response_mask)
-        logits0, hid0 = response_logits(model, in0, vocab, output_hidden_states=True)
-        logits1, hid1 = response_logits(model, in1, vocab, output_hidden_states=True)
-        mask = r0.response_mask
-        metrics.ctx_kl.update(per_token_divergence(logits0.float(), logits1.float(), mask, kind="reverse_kl"), mask)
-        R = in0.response_len
-        metrics.hidden.update([hid0[k][:, in0.prefix_len:in0.prefix_len + R] for k in layers],
-                              [hid1[k][:, in1.prefix_len:in1.prefix_len + R] for k in layers], mask)
+        vocab = self.vocab_size or _output_vocab_size(model)
+        update_context_mechanics(model, in0, in1, r0.response_mask, layers, vocab, metrics.ctx_kl, metrics.hidden)
 
     def _sampled_pass(self, model, recs, a0: Answers, a1: Answers, metric, seed_offset):
         """``num_samples`` samples per item without / with the context; pairs (sample j, sample j) feed ``metric``."""
         k = self.settings.num_samples
         settings = self.settings.sampling(greedy=False)
-        with _seeded(a0.prompt_ids.device, self.settings.seed + seed_offset):
+        with seeded_rng(a0.prompt_ids.device, self.settings.seed + seed_offset):
             ra = self.decode(model, a0.prompt_ids.repeat_interleave(k, 0), a0.prompt_mask.repeat_interleave(k, 0),
                              settings)
             rb = self.decode(model, a1.prompt_ids.repeat_interleave(k, 0), a1.prompt_mask.repeat_interleave(k, 0),

@@ -1,11 +1,11 @@
 """``GameEvalCallback``: the episode-level evaluation of :mod:`lightning_ctx.tasks.games.evaluate` inside a Trainer.
 
-Logs ``{prefix}pass_no_ctx``, ``{prefix}pass_ctx``, ``{prefix}harm``, ``{prefix}help``, turns, invalid-move rates
-and lengths at the global step (at step 0 before training, every ``every_n_steps`` steps and at the end of fit; on
-``validate`` / ``test``), ``ref/teacher_pass_ctx`` once (the teacher with the experience, when the teacher is a
-separate model; with the frozen initial student it equals step 0's ``pass_ctx``), and uploads
-``{prefix}step_000050/transcripts.json`` (every game both ways, as the student saw it). Each rank plays every
-``world_size``-th seed; results are gathered before the metrics are computed; rank 0 writes.
+Logs ``{prefix}pass_no_ctx``, ``{prefix}pass_ctx``, ``{prefix}harm``, ``{prefix}help``, turns, invalid-move rates,
+lengths and the mechanistic metrics (``ctx_kl``, ``hidden_cos/*``) at the global step (at step 0 before training,
+every ``every_n_steps`` steps and at the end of fit; on ``validate`` / ``test``), ``ref/teacher_pass_ctx`` once (the
+teacher with the experience, when the teacher is a separate model; with the frozen initial student it equals step 0's
+``pass_ctx``), and uploads ``{prefix}step_000050/transcripts.json`` (every game both ways, as the student saw it).
+Each rank plays every ``world_size``-th seed; results are gathered before the metrics are computed; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,11 +23,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_ctx.errors import DataError
 from lightning_ctx.eval.artifacts import clean
 from lightning_ctx.eval.callback import log_to_loggers, upload_artifacts
-from lightning_ctx.eval.evaluator import gather_objects
-from lightning_ctx.knobs import at_least, check_class_args
+from lightning_ctx.eval.evaluator import gather_objects, resolve_layers, seeded_rng
+from lightning_ctx.knobs import above, at_least, check_class_args, within
 from lightning_ctx.rollout import SamplingSettings, sample_responses
 from lightning_ctx.tasks.games.datamodule import GamesDataModule
-from lightning_ctx.tasks.games.evaluate import GameSummary, evaluate_games, game_metrics, pass_rate
+from lightning_ctx.tasks.games.evaluate import (
+    GameSummary,
+    Mechanics,
+    context_mechanics,
+    evaluate_games,
+    game_metrics,
+    pass_rate,
+)
 
 SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx")
 
@@ -42,25 +49,33 @@ class GameEvalCallback(Callback):
         max_games: cap on evaluated games (None = the whole split).
         batch_size: games decoded together (None = the data module's ``eval_batch_size``).
         max_new_tokens: tokens per turn (None = the module's ``max_new_tokens``).
-        greedy: greedy decoding (default); false samples at ``temperature`` with seed ``seed``.
+        greedy: greedy decoding instead of sampling; by default the games are sampled as OPCD evaluates them, at
+            ``temperature`` 0.7, ``top_p`` 0.8, ``top_k`` 20 (0 = no top-k filter), seeded with ``seed``.
+        mechanics: also log ``ctx_kl`` and ``hidden_cos/*`` on the turns played without the experience (one
+            teacher-forced pass of the student without and one with it); ``hidden_layers``: indices into HF's
+            ``hidden_states`` (None = every block).
         log_references: log ``ref/teacher_pass_ctx`` once when the teacher is a separate model.
         log_artifacts: upload the transcripts. prefix / test_prefix: metric name prefixes.
     """
 
     KNOB_CHECKS = (at_least("every_n_steps", 0), at_least("max_games", 1), at_least("batch_size", 1),
-                   at_least("max_new_tokens", 1))
+                   at_least("max_new_tokens", 1),
+                   above("temperature", 0, when=lambda a: not a["greedy"], hint="or set greedy: true"),
+                   within("top_p", 0, 1, low_open=True), at_least("top_k", 0))
 
     def __init__(self, every_n_steps: int = 25, eval_at_start: bool = True, eval_at_end: bool = True,
                  split: str = "val", test_split: str = "test", max_games: Optional[int] = None,
-                 batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, log_references: bool = True, log_artifacts: bool = True,
-                 prefix: str = "eval/", test_prefix: str = "test/"):
+                 batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, greedy: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.8, top_k: int = 20, seed: int = 0,
+                 mechanics: bool = True, hidden_layers: Optional[list[int]] = None, log_references: bool = True,
+                 log_artifacts: bool = True, prefix: str = "eval/", test_prefix: str = "test/"):
         check_class_args(GameEvalCallback, locals(), "trainer.callbacks.")
         super().__init__()
         self.every_n_steps, self.eval_at_start, self.eval_at_end = every_n_steps, eval_at_start, eval_at_end
         self.split, self.test_split, self.max_games = split, test_split, max_games
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.greedy, self.temperature, self.seed = greedy, temperature, seed
+        self.greedy, self.temperature, self.top_p, self.top_k, self.seed = greedy, temperature, top_p, top_k, seed
+        self.mechanics, self.hidden_layers = mechanics, hidden_layers
         self.log_references, self.log_artifacts = log_references, log_artifacts
         self.prefix, self.test_prefix = prefix, test_prefix
         self.history: list[dict] = []
@@ -81,7 +96,7 @@ class GameEvalCallback(Callback):
 
     def settings(self, pl_module) -> SamplingSettings:
         return SamplingSettings(max_new_tokens=self.max_new_tokens or pl_module.sampling.max_new_tokens,
-                                temperature=self.temperature, greedy=self.greedy)
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=self.greedy)
 
     def sampler(self, pl_module, model):
         settings = self.settings(pl_module)
@@ -90,11 +105,6 @@ class GameEvalCallback(Callback):
             return sample_responses(model, ids, mask, settings, pl_module.eos_token_ids, pl_module.pad_token_id,
                                     pl_module.engine)
         return sample
-
-    def _fork_rng(self, device):
-        devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices)
-        return rng
 
     # -- one evaluation --------------------------------------------------------------------------
     def evaluate(self, trainer, pl_module, split: str, prefix: str) -> Optional[dict[str, float]]:
@@ -105,15 +115,22 @@ class GameEvalCallback(Callback):
             return None
         rank, world = int(trainer.global_rank), int(trainer.world_size)
         mine = seeds[rank::world]
-        with self._fork_rng(pl_module.device):
-            torch.manual_seed(self.seed + rank)
-            result = evaluate_games(self.sampler(pl_module, pl_module.student), dm.chat, dm.factory, mine,
-                                    dm.experience, pl_module.pad_token_id, pl_module.device,
-                                    self.batch_size or dm.eval_batch_size)
-        parts = gather_objects((result.transcripts, result.no_ctx, result.ctx))
+        batch_size = self.batch_size or dm.eval_batch_size
+        with seeded_rng(pl_module.device, self.seed + rank):
+            result = evaluate_games(self.sampler(pl_module, pl_module.student), dm.episodes, dm.factory, mine,
+                                    dm.experience, pl_module.pad_token_id, pl_module.device, batch_size)
+        mechanics = Mechanics()
+        if self.mechanics:
+            student = pl_module.student
+            mechanics = context_mechanics(student, dm.episodes, result.episodes_no_ctx, dm.experience,
+                                          pl_module.pad_token_id, resolve_layers(student, self.hidden_layers),
+                                          pl_module.vocab_size, batch_size)
+        parts = gather_objects((result.transcripts, result.no_ctx, result.ctx, mechanics))
         rows = sorted((r for p in parts for r in p[0]), key=lambda r: r["seed"])
         no_ctx, ctx = _merge([p[1] for p in parts]), _merge([p[2] for p in parts])
-        metrics = game_metrics(no_ctx, ctx)
+        for p in parts[1:]:
+            parts[0][3].merge(p[3])
+        metrics = {**game_metrics(no_ctx, ctx), **parts[0][3].compute()}
         step = int(trainer.global_step)
         log_to_loggers(trainer.loggers, lambda k, m: rank_zero_warn(m), {f"{prefix}{k}": v for k, v in metrics.items()},
                        step)
@@ -146,9 +163,8 @@ class GameEvalCallback(Callback):
             return
         dm = self._dm(trainer, pl_module)
         seeds = self.seeds(dm, self.split)[int(trainer.global_rank)::int(trainer.world_size)]
-        with self._fork_rng(pl_module.device):
-            torch.manual_seed(self.seed)
-            _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.chat, dm.factory, seeds, dm.experience,
+        with seeded_rng(pl_module.device, self.seed):
+            _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.episodes, dm.factory, seeds, dm.experience,
                                     pl_module.pad_token_id, pl_module.device, self.batch_size or dm.eval_batch_size)
         summary = _merge(gather_objects(GameSummary.of(episodes)))
         value = sum(summary.passed) / max(len(summary.passed), 1)

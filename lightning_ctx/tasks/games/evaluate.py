@@ -10,9 +10,13 @@
 | ``turns_no_ctx``, ``turns_ctx`` | mean model turns per game |
 | ``invalid_rate_no_ctx``, ``invalid_rate_ctx`` | invalid moves over model turns |
 | ``len_no_ctx``, ``len_ctx``, ``len_inflation`` | mean student tokens per game; ``len_ctx / len_no_ctx - 1`` |
+| ``ctx_kl`` | mean per-token KL(student without || student with the experience), teacher-forced on the turns the
+  student played without it, each under the prefix it was sampled with (and the same prefix with the experience) |
+| ``hidden_cos/layer_k``, ``hidden_cos/mean`` | cosine of the two passes' hidden states at those tokens |
 
-Greedy decoding by default, so the two passes differ only by the experience. ``transcripts`` holds one row per
-seed: both games' messages (as the student saw them), reward, pass, reason, turns and invalid moves.
+Sampled as OPCD evaluates (temperature 0.7, top-p 0.8, top-k 20; ``GameEvalCallback``) or greedy. ``transcripts``
+holds one row per seed: both games' messages (as the student saw them), reward, pass, reason, turns and invalid
+moves.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_ctx.rollout_episodes import ChatFormat, Episode, TurnSampler, play_episodes
+import torch
+
+from lightning_ctx.eval.evaluator import name_hidden_layers, update_context_mechanics
+from lightning_ctx.eval.hidden_cos import HiddenCosine
+from lightning_ctx.eval.metrics import MeanTokenKL
+from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response
+from lightning_ctx.rollout_episodes import Episode, EpisodeFormat, TurnSampler, play_episodes
 
 GAME_METRIC_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "both_pass", "reward_no_ctx", "reward_ctx",
                     "turns_no_ctx", "turns_ctx", "invalid_rate_no_ctx", "invalid_rate_ctx", "len_no_ctx", "len_ctx",
@@ -89,30 +99,75 @@ class GameEvalResult:
     transcripts: list[dict[str, Any]]
     no_ctx: GameSummary
     ctx: GameSummary
+    episodes_no_ctx: list[Episode] = field(default_factory=list)
 
 
-def play_in_batches(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], context: Optional[str],
+def play_in_batches(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], context: Optional[str],
                     pad_token_id: int, device: Any, batch_size: int) -> list[Episode]:
     episodes: list[Episode] = []
     for start in range(0, len(seeds), batch_size):
-        episodes += play_episodes(sample, chat, factory(seeds[start:start + batch_size]), context, pad_token_id,
+        episodes += play_episodes(sample, fmt, factory(seeds[start:start + batch_size]), context, pad_token_id,
                                   device)
     return episodes
 
 
-def evaluate_games(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], experience: str,
+@dataclass
+class Mechanics:
+    """The states of ``ctx_kl`` and ``hidden_cos`` (torchmetrics; merged across ranks by the callback)."""
+
+    layers: list[int] = field(default_factory=list)  # indices into hidden_states
+    ctx_kl: MeanTokenKL = field(default_factory=lambda: MeanTokenKL(sync_on_compute=False))
+    hidden: HiddenCosine = field(default_factory=lambda: HiddenCosine(sync_on_compute=False))
+
+    def merge(self, other: Mechanics) -> None:
+        self.ctx_kl.merge_state(other.ctx_kl)
+        self.hidden.merge_state(other.hidden)
+
+    def compute(self) -> dict[str, float]:
+        if not int(self.ctx_kl.n_updates):  # no turn was played (every rank's states merged in)
+            return {}
+        out = {"ctx_kl": float(self.ctx_kl.compute())}
+        out.update({k: float(v) for k, v in name_hidden_layers(self.hidden.compute(), self.layers).items()})
+        return out
+
+
+@torch.no_grad()
+def context_mechanics(model, fmt: EpisodeFormat, episodes: Sequence[Episode], experience: str, pad_token_id: int,
+                      layers: Sequence[int], vocab_size: int, batch_size: int = 16) -> Mechanics:
+    """``ctx_kl`` and ``hidden_cos`` on the turns played without the experience: each turn's tokens scored under the
+    prefix it was sampled with and under the same prefix with the experience (the rows the loss uses)."""
+    out = Mechanics(list(layers))
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, len(episodes), batch_size):
+            chunk = list(episodes[start:start + batch_size])
+            batch, rollout = fmt.score_inputs(chunk, [str(i) for i in range(len(chunk))], experience, pad_token_id)
+            rollout.to(device)
+            attention = rollout.response_mask if rollout.response_attention is None else rollout.response_attention
+            in0 = join_prompt_and_response(batch.prompt_ids.to(device), batch.prompt_mask.to(device),
+                                           rollout.response_ids, attention)
+            in1 = join_prompt_and_response(batch.ctx_prompt_ids.to(device), batch.ctx_prompt_mask.to(device),
+                                           rollout.response_ids, attention)
+            if rollout.response_mask.any():
+                update_context_mechanics(model, in0, in1, rollout.response_mask, layers, vocab_size, out.ctx_kl,
+                                         out.hidden)
+    return out
+
+
+def evaluate_games(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], experience: str,
                    pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> GameEvalResult:
-    """Play ``seeds`` twice with ``sample`` (the student): without the experience, then with it as the system
-    message; the metrics of the module docstring and one transcript row per seed."""
-    plain = play_in_batches(sample, chat, factory, seeds, None, pad_token_id, device, batch_size)
-    with_ctx = play_in_batches(sample, chat, factory, seeds, experience, pad_token_id, device, batch_size)
+    """Play ``seeds`` twice with ``sample`` (the student): without the experience, then with it (as the format puts
+    a context: in the turn prompt, or as the system message); the metrics of the module docstring (but the
+    mechanistic ones, see :func:`context_mechanics`) and one transcript row per seed."""
+    plain = play_in_batches(sample, fmt, factory, seeds, None, pad_token_id, device, batch_size)
+    with_ctx = play_in_batches(sample, fmt, factory, seeds, experience, pad_token_id, device, batch_size)
     no_ctx, ctx = GameSummary.of(plain), GameSummary.of(with_ctx)
     rows = [{"seed": int(s), **_row("no_ctx", a), **_row("ctx", b)} for s, a, b in zip(seeds, plain, with_ctx)]
-    return GameEvalResult(game_metrics(no_ctx, ctx), rows, no_ctx, ctx)
+    return GameEvalResult(game_metrics(no_ctx, ctx), rows, no_ctx, ctx, plain)
 
 
-def pass_rate(sample: TurnSampler, chat: ChatFormat, factory, seeds: Sequence[int], context: Optional[str],
+def pass_rate(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], context: Optional[str],
               pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> tuple[float, list[Episode]]:
     """One pass (e.g. the teacher with the experience, or a candidate experience in ``extract``)."""
-    episodes = play_in_batches(sample, chat, factory, seeds, context, pad_token_id, device, batch_size)
+    episodes = play_in_batches(sample, fmt, factory, seeds, context, pad_token_id, device, batch_size)
     return _ratio(sum(e.outcome.passed for e in episodes), len(episodes)), episodes

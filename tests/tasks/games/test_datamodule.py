@@ -29,9 +29,14 @@ def test_splits_are_disjoint_seed_ranges_and_batches_are_games(tiny_qwen3):
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, EpisodeBatch) and len(batch) == 4 and set(batch.seeds) <= set(seeds["train"])
     assert batch.context == "Experience: PLAN" and dm.longest_first_prompt() > 50
-    # episodes are sized whole: the first prompt and max_turns - 1 turns with their feedback
+    # episodes are sized whole: the first prompt and max_turns - 1 turns with their feedback; per_turn with a history
+    # of actions: an action line per earlier turn, not a whole reply
     assert 20 < dm.feedback_tokens() < 200
-    assert dm.longest_prompt() == dm.longest_first_prompt() + 2 * (256 + dm.feedback_tokens())
+    assert dm.episodes.name == "per_turn" and dm.history == "actions"
+    assert dm.longest_prompt() == dm.longest_first_prompt() + 2 * (16 + dm.feedback_tokens())
+    for kw in (dict(episode_format="single_sequence"), dict(history="replies")):
+        other = _dm(tiny_qwen3, **kw)
+        assert other.longest_prompt() == other.longest_first_prompt() + 2 * (256 + other.feedback_tokens())
 
 
 def test_experience_from_a_file_and_the_errors(tiny_qwen3, tmp_path):
@@ -44,6 +49,10 @@ def test_experience_from_a_file_and_the_errors(tiny_qwen3, tmp_path):
         GamesDataModule(env_id="FrozenLake-v0", experience="x")
     with pytest.raises(ConfigError, match="data.max_turns"):
         GamesDataModule(max_turns=0, experience="x")
+    with pytest.raises(ConfigError, match="data.episode_format"):
+        GamesDataModule(episode_format="per_game", experience="x")
+    with pytest.raises(ConfigError, match="data.history"):
+        GamesDataModule(history="all", experience="x")
     with pytest.raises(DataError, match="max_prompt_length"):
         _dm(tiny_qwen3, max_prompt_length=10)
 
