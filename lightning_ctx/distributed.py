@@ -8,14 +8,16 @@ How it is kept exactly: each micro-batch backpropagates per-token *sums* (:meth:
 divides every micro-batch's loss by ``accumulate_grad_batches`` and DDP/FSDP average gradients over the
 ``world_size`` ranks, so before the optimizer (and before Lightning's gradient clipping, which comes after
 ``on_before_optimizer_step``) all gradients are multiplied by ``accumulate * world_size / tokens of the step``
-(:meth:`StepTokens.finish`). The retention term has its own tokens (the responses under other contexts): within
-a micro-batch it is a per-token mean over all ranks' retention tokens, weighted by that micro-batch's share of
-the step's main tokens. That is exact without accumulation; with it, it assumes the retention/main token ratio
-is about the same in every micro-batch (documented approximation).
+(:meth:`StepTokens.finish`), the tokens of the step's main rollout (the first loss term's). A term on another
+rollout (e.g. ``retain``: the responses under other contexts) has its own tokens: within a micro-batch it is a
+per-token mean over all ranks' tokens of its rollout, weighted by that micro-batch's share of the step's main
+tokens. That is exact without accumulation; with it, it assumes the ratio of the two token counts is about the same
+in every micro-batch (documented approximation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -61,38 +63,45 @@ def sum_over_ranks(trainer, values: torch.Tensor) -> torch.Tensor:
     return trainer.strategy.reduce(values.clone(), reduce_op="sum")
 
 
-LOGGED_TERMS = ("loss", "opd", "anchor", "retain", "entropy")
-
-
 class StepTokens:
-    """Per-token sums of one optimizer step, over its micro-batches (this rank's; summed over ranks at the end)."""
+    """Per-token sums of one optimizer step, over its micro-batches (this rank's; summed over ranks at the end).
 
-    def __init__(self):
+    ``terms``: the objective's :class:`~lightning_ctx.loss.LossTerm` s (name, weight, rollout); the first one's
+    rollout is the step's main rollout. Logged per step: every term, ``loss`` and ``entropy``.
+    """
+
+    def __init__(self, terms: Sequence = ()):
+        self.terms = list(terms)
+        self.names = [t.name for t in self.terms] + ["loss", "entropy"]
+        self.main = self.terms[0].rollout if self.terms else "student"
         self.reset()
 
     def reset(self) -> None:
         self.tokens = 0.0
-        self.sums = dict.fromkeys(LOGGED_TERMS, 0.0)
+        self.sums = dict.fromkeys(self.names, 0.0)
         self.seen: set[str] = set()  # the terms this step had (the same on every rank)
 
-    def add(self, trainer, terms: dict[str, torch.Tensor], anchor_weight: float, retain_weight: float) -> torch.Tensor:
-        """The micro-batch's loss to backpropagate: per-token sums, from the per-token means in ``terms``.
+    def add(self, trainer, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's loss to backpropagate: per-token sums, from the per-token means in ``values``.
 
-        ``terms`` holds this rank's unscaled per-token means and the token counts ``tokens`` (main responses) and
-        ``retain_tokens``; one all-reduce of the two counts per micro-batch when there is a retention term.
+        ``values`` holds this rank's unscaled per-token means by term name and each rollout's token count
+        (``tokens/<rollout>``); one all-reduce of the counts per micro-batch when a term is on another rollout.
         """
-        n = terms["tokens"].to(torch.float32)
-        main = terms["opd"] + (anchor_weight * terms["anchor"] if "anchor" in terms else 0.0)
-        loss = n * main
-        parts = {"opd": n * terms["opd"].detach(), "entropy": n * terms["entropy"].detach()}
-        if "anchor" in terms:
-            parts["anchor"] = n * terms["anchor"].detach()
-        if "retain" in terms:
-            k = terms["retain_tokens"].to(torch.float32)
-            counts = sum_over_ranks(trainer, torch.stack([n, k]).detach())
-            weight = k * counts[0] / counts[1].clamp(min=1)  # k local tokens, as many as n_global/k_global each
-            loss = loss + retain_weight * terms["retain"] * weight
-            parts["retain"] = terms["retain"].detach() * weight
+        n = values[f"tokens/{self.main}"].to(torch.float32)
+        present = [t for t in self.terms if t.name in values]
+        others = sorted({t.rollout for t in present} - {self.main})
+        weights = {self.main: n}
+        if others:  # k local tokens of rollout r count as many as n_global / k_global each
+            local = torch.stack([n] + [values[f"tokens/{r}"].to(torch.float32) for r in others]).detach()
+            counts = sum_over_ranks(trainer, local)
+            for i, r in enumerate(others, start=1):
+                weights[r] = local[i] * counts[0] / counts[i].clamp(min=1)
+        loss = n * 0.0
+        parts = {"entropy": n * values["entropy"].detach()}
+        for t in present:
+            weighted = values[t.name] * weights[t.rollout]
+            loss = loss + t.weight * weighted
+            parts[t.name] = weighted.detach()
         parts["loss"] = loss.detach()
         self.tokens += float(n)
         for key, value in parts.items():
@@ -107,7 +116,7 @@ class StepTokens:
 
         Every rank must call it (one all-reduce). Gradients of sharded parameters (FSDP) are scaled shard by shard.
         """
-        keys = list(LOGGED_TERMS)
+        keys = list(self.names)
         local = torch.tensor([self.tokens, *(self.sums[k] for k in keys)], dtype=torch.float64)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         total = sum_over_ranks(trainer, local.to(device)).cpu()

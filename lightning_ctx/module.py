@@ -1,6 +1,9 @@
 """``OnPolicyDistillation``: one training step = rollout -> teacher scoring -> student passes -> loss.
 
-    L = L_opd + anchor_weight * L_anchor (+ retain_weight * L_retain)
+    L = opd_weight * L_opd + anchor_weight * L_anchor (+ retain_weight * L_retain) (+ extra terms)
+
+The terms are data (:mod:`lightning_ctx.loss`): the module samples the rollouts they ask for and logs, checks and
+accumulates every term by iterating over them.
 
 * ``L_opd``: token divergence between the student without context and the frozen teacher with
   context, on the student's own sampled response (reverse KL by default).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -24,7 +28,7 @@ from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_s
 from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
 from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
-from lightning_ctx.loss import DistillationLoss
+from lightning_ctx.loss import DistillationLoss, LossTerm
 from lightning_ctx.models.loading import DTYPES, ModelError
 from lightning_ctx.models.scoring import response_logits
 from lightning_ctx.models.teachers import build_student_and_teacher
@@ -33,8 +37,9 @@ from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engi
 from lightning_ctx.rollout_episodes import EpisodeBatch
 
 
-def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str]) -> str:
-    values = ", ".join(f"{k}={terms[k].item():.4g}" for k in ("opd", "anchor", "retain") if k in terms)
+def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str],
+                      names: Sequence[str]) -> str:
+    values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names if k in terms)
     what = f"term '{bad}' = {terms[bad].item()} ({values})" if bad else f"on another rank (this rank's: {values})"
     return (f"non-finite loss at step {step}: {what}"
             + (f"; state before this step saved to {saved}" if saved else "")
@@ -50,9 +55,9 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def first_nonfinite(terms: dict[str, torch.Tensor]) -> Optional[str]:
-    """The first loss term that is NaN/inf, or None."""
-    for name in ("opd", "anchor", "retain", "loss"):
+def first_nonfinite(terms: dict[str, torch.Tensor], names: Sequence[str]) -> Optional[str]:
+    """The first of the loss terms ``names`` (then ``loss``) that is NaN/inf, or None."""
+    for name in (*names, "loss"):
         if name in terms and not torch.isfinite(terms[name]).all():
             return name
     return None
@@ -75,8 +80,12 @@ class OnPolicyDistillation(pl.LightningModule):
             (None = full fine-tuning). Only the adapter trains; checkpoints still hold the full student.
         teacher_quantization: ``4bit`` (NF4) | ``8bit`` (LLM.int8) bitsandbytes loading of the teacher (a
             separate checkpoint, or the initial student re-loaded quantized when ``teacher`` is None).
+        opd_weight: weight of the teacher-matching term on the student's own responses (``opd``; 0 drops it, e.g.
+            for the off-policy baseline, ``builtin:methods/offpolicy_cd.yaml``).
         anchor_weight: beta of the anchored consistency term (0 = plain OPD; 0.5 was best in the paper).
         retain_weight: weight of the optional other-context retention term (needs ``data.retain_contexts``).
+        extra_terms: more loss terms (``lightning_ctx.loss.LossTerm`` subclasses, ``class_path`` + ``init_args``),
+            logged, normalised and checked like the built-in ones.
         divergence: ``reverse_kl`` | ``forward_kl`` | ``jsd`` | ``sampled`` (sampled-token estimator).
         jsd_beta: beta of the generalized JSD (0 = forward KL, 1 = reverse KL).
         scope: ``full`` vocabulary or the student's ``topk`` indices (``topk``, ``topk_union_teacher``).
@@ -106,7 +115,11 @@ class OnPolicyDistillation(pl.LightningModule):
 
     KNOB_CHECKS = (
         non_empty("student"),
-        at_least("anchor_weight", 0), at_least("retain_weight", 0), within("jsd_beta", 0, 1),
+        at_least("opd_weight", 0), at_least("anchor_weight", 0), at_least("retain_weight", 0),
+        Check("opd_weight", lambda v: v > 0, "> 0: it is the only loss term",
+              when=lambda a: not a["anchor_weight"] and not a["retain_weight"] and not a.get("extra_terms"),
+              hint="or add a term (model.extra_terms)"),
+        within("jsd_beta", 0, 1),
         one_of("divergence", ("reverse_kl", "forward_kl", "jsd", "sampled")), one_of("scope", ("full", "topk")),
         at_least("topk", 1), at_least("chunk_size", 1), at_least("auto_chunk_mib", 1),
         Check("topk_renormalize", lambda v: not v, "has no effect unless model.scope is topk",
@@ -125,8 +138,10 @@ class OnPolicyDistillation(pl.LightningModule):
         self,
         student: str = "builtin:world",
         teacher: Optional[str] = None,
+        opd_weight: float = 1.0,
         anchor_weight: float = 0.0,
         retain_weight: float = 0.0,
+        extra_terms: Optional[list[LossTerm]] = None,
         divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled"] = "reverse_kl",
         jsd_beta: float = 0.5,
         scope: Literal["full", "topk"] = "full",
@@ -171,11 +186,11 @@ class OnPolicyDistillation(pl.LightningModule):
             teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
         if gradient_checkpointing:
             enable_activation_checkpointing(self.student)
-        self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size)
+        self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size, extra_terms or ())
         self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.skipped_steps = 0
-        self.step_tokens = StepTokens()  # per-token sums over the micro-batches of one optimizer step
+        self.step_tokens = StepTokens(self.objective.terms)  # per-token sums over one optimizer step's micro-batches
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
@@ -205,14 +220,14 @@ class OnPolicyDistillation(pl.LightningModule):
 
     # -- the step -------------------------------------------------------------------------------
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               settings: Optional[SamplingSettings] = None) -> Rollout:
-        """On-policy responses from the student for left-padded prompts."""
+               settings: Optional[SamplingSettings] = None, model=None) -> Rollout:
+        """Responses for left-padded prompts: on-policy from the student (or from ``model``)."""
         settings = settings or self.sampling
         if self._trainer is not None and is_sharded(self.trainer) and self.trainer.world_size > 1:
             # sharded weights: each forward gathers them from every rank, so all ranks decode in step
             settings = dataclasses.replace(settings, sync_ranks=True)
-        return sample_responses(self.student, prompt_ids, prompt_mask, settings, self.eos_token_ids,
-                                self.pad_token_id, self.engine)
+        return sample_responses(self.student if model is None else model, prompt_ids, prompt_mask, settings,
+                                self.eos_token_ids, self.pad_token_id, self.engine)
 
     def _teacher_logits(self, inputs) -> torch.Tensor:
         self.teacher.eval()  # Lightning's .train() on the module also reaches the teacher
@@ -222,43 +237,59 @@ class OnPolicyDistillation(pl.LightningModule):
     def _token_scale(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
         return global_token_scale(self.trainer, mask) if self._trainer is not None else None
 
-    def compute_losses(self, batch: ContextPairBatch, rollout: Rollout, retain_rollout: Optional[Rollout] = None,
+    def compute_losses(self, batch: ContextPairBatch, rollouts: Rollout | Mapping[str, Rollout],
                        local: bool = False) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch and fixed rollout(s); ``loss`` is their weighted sum.
+        """All loss terms for a batch and fixed rollouts (one ``Rollout`` = the student's; or ``{"student": ...,
+        "retain": ..., "teacher": ...}``); ``loss`` is their weighted sum.
 
         Per-token means, over the global batch under DDP/FSDP (``global_token_scale``); ``local``: over this
         rank's tokens only (training turns them into the step's per-token mean itself, see ``StepTokens``).
         """
         scale = (lambda mask: None) if local else self._token_scale
-        return self.objective(self.student, self._teacher_logits, batch, rollout, retain_rollout, scale)
+        if isinstance(rollouts, Rollout):
+            rollouts = {"student": rollouts}
+        return self.objective(self.student, self._teacher_logits, batch, rollouts, scale)
+
+    def sample_rollouts(self, batch) -> tuple[ContextPairBatch, dict[str, Rollout]]:
+        """The rollouts the loss terms ask for (``student``: the student without the context; ``retain``: the
+        student under another context; ``teacher``: the teacher with the context)."""
+        needed = self.objective.rollouts
+        if isinstance(batch, EpisodeBatch):  # multi-turn games: played, then scored like single responses
+            if set(needed) - {"student"}:
+                raise ConfigError(f"game episodes support the terms on the student's own rollout only, not on "
+                                  f"{sorted(set(needed) - {'student'})}", field="model.extra_terms")
+            batch, rollout = batch.play(self.sample, self.device)
+            return batch, {"student": rollout}
+        rollouts = {}
+        if "student" in needed:
+            rollouts["student"] = self.sample(batch.prompt_ids, batch.prompt_mask)
+        if "retain" in needed and batch.retain_prompt_ids is not None:
+            rollouts["retain"] = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
+        if "teacher" in needed:
+            rollouts["teacher"] = self.sample(batch.ctx_prompt_ids, batch.ctx_prompt_mask, model=self.teacher)
+        return batch, rollouts
 
     def model_step(self, batch: ContextPairBatch, local: bool = False) -> tuple[dict[str, torch.Tensor], Rollout]:
-        """Shared by training and validation: sample on-policy, then compute every term."""
+        """Shared by training and validation: sample the rollouts, then compute every term; returns the terms and
+        the main rollout."""
         t0 = time.perf_counter()
-        if isinstance(batch, EpisodeBatch):  # multi-turn games: played, then scored like single responses
-            batch, rollout = batch.play(self.sample, self.device)
-        else:
-            rollout = self.sample(batch.prompt_ids, batch.prompt_mask)
-        retain_rollout = None
-        if self.hparams.retain_weight > 0 and batch.retain_prompt_ids is not None:
-            retain_rollout = self.sample(batch.retain_prompt_ids, batch.retain_prompt_mask)
+        batch, rollouts = self.sample_rollouts(batch)
         t_rollout = time.perf_counter() - t0
-        terms = self.compute_losses(batch, rollout, retain_rollout, local=local)
+        terms = self.compute_losses(batch, rollouts, local=local)
         terms["time_rollout_s"] = torch.tensor(t_rollout)
-        return terms, rollout
+        return terms, rollouts[self.objective.rollouts[0]]
 
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
         terms, rollout = self.model_step(batch, local=True)
         trainer = self.trainer if self._trainer is not None else None
         # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
         # the gradient all-reduce.
-        bad = first_nonfinite(terms)
+        bad = first_nonfinite(terms, self.step_tokens.names[:-2])
         if any_rank(trainer, bad is not None):
             return self._nonfinite_step(trainer, bad, terms)
         self.log_terms("train", terms, rollout, batch_size=len(batch))
         self._last_tokens = rollout.num_tokens
-        hp = self.hparams
-        return self.step_tokens.add(trainer, terms, hp.anchor_weight, hp.retain_weight)
+        return self.step_tokens.add(trainer, terms)
 
     def _nonfinite_step(self, trainer, bad: Optional[str], terms: dict[str, torch.Tensor]):
         step = self.global_step
@@ -272,12 +303,12 @@ class OnPolicyDistillation(pl.LightningModule):
                 return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
             return None  # Lightning skips backward and the optimizer step
         saved = save_beside_checkpoints(trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
-        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved))
+        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved, self.step_tokens.names[:-2]))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Per-token sums -> the step's per-token mean (before Lightning clips); logs the step's exact terms."""
         for name, value in (self.step_tokens.finish(self.trainer, self) or {}).items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in ("loss", "opd", "anchor"),
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in self._prog_bar,
                      batch_size=1, rank_zero_only=True)
 
     def validation_step(self, batch: ContextPairBatch, batch_idx: int):
@@ -289,16 +320,20 @@ class OnPolicyDistillation(pl.LightningModule):
         self.log_terms("test", terms, rollout, batch_size=len(batch))
 
     # -- logging ------------------------------------------------------------------------------------
+    @property
+    def _prog_bar(self) -> set[str]:
+        return {"loss"} | {t.name for t in self.objective.terms if t.prog_bar}
+
     def log_terms(self, stage: str, terms: dict[str, torch.Tensor], rollout: Rollout, batch_size: int) -> None:
         """Per-batch values of ``stage``; the training loss terms are logged per optimizer step instead
         (``on_before_optimizer_step``: exact per-token means over the whole step)."""
         on_step = stage == "train"
         # sync_dist on every step too (one small all-reduce per value): under DDP the rank-mean of the
         # token-rescaled terms (see ``global_token_scale``) is the per-token mean over the global batch.
-        for name in ("loss", "opd", "anchor", "retain", "entropy"):
+        for name in self.step_tokens.names:
             if name in terms and not on_step:
                 self.log(f"{stage}/{name}", terms[name].detach().float(), on_step=False, on_epoch=True,
-                         prog_bar=name in ("loss", "opd", "anchor"), batch_size=batch_size, sync_dist=True)
+                         prog_bar=name in self._prog_bar, batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/response_len", rollout.lengths.float().mean(), on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, sync_dist=True)
         self.log(f"{stage}/truncated", (~rollout.finished).float().mean(), on_step=on_step, on_epoch=not on_step,
