@@ -28,6 +28,10 @@ DATA_MODULES = (
     ("lightning_ctx.tasks.world.WorldDataModule", "the built-in rule world, records generated from seeds"),
     ("lightning_ctx.tasks.mcqa.MCQADataModule",
      "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
+    ("lightning_ctx.tasks.mcqa.SysMCQADataModule",
+     "MedMCQA in OPCD's system-prompt protocol: export files (parquet / JSONL), the answer as `<answer>X</answer>`"),
+    ("lightning_ctx.tasks.safety.SafetyDataModule",
+     "safety verdicts in OPCD's system-prompt protocol: export files, the answer as `<answer>yes|no</answer>`"),
     ("lightning_ctx.tasks.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
     ("lightning_ctx.tasks.games.GamesDataModule",
      "multi-turn TextArena games (Sokoban, FrozenLake), the context = an experience text"),
@@ -149,10 +153,14 @@ def signature_defaults(cls) -> dict:
 
 
 def class_docs(cls, base=None) -> dict[str, str]:
+    """The ``Args:`` of ``base``, then of every class between it and ``cls`` (an intermediate base such as
+    ``ExportDataModule`` documents the knobs its subclasses share), the most derived winning."""
     docs = dict(COMMON_DOCS)
     if base is not None:
         docs.update(arg_docs(base))
-    docs.update(arg_docs(cls))
+    mro = cls.__mro__
+    for klass in reversed(mro[: mro.index(base)] if base in mro else (cls,)):
+        docs.update(arg_docs(klass))
     return docs
 
 

@@ -1,8 +1,13 @@
-"""The 8 system-prompt paper settings (``experiments/paper/sys_*.yaml``): each parses with its real-model knobs,
-and each runs OPCD's CPU smoke override set on a tiny stand-in of its architecture family with the shipped samples,
-ending in an MLflow run that carries the removability metrics."""
+"""The 8 system-prompt paper settings (``experiments/paper/sys_*.yaml``): each parses with its real-model knobs, its
+verifier accepts every gold answer of its data under either scoring (the ceiling) while answering blindly scores
+chance (the floor), a gold answer the verifier cannot read stops the run, and each runs OPCD's CPU smoke override set
+on a tiny stand-in of its architecture family with the shipped samples, ending in an MLflow run that carries the
+removability metrics."""
 
+import functools
+import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -36,21 +41,39 @@ def _data_args(task: str) -> list[str]:
             "--data.init_args.system_prompt_file", str(DATA / f"sys_{task}_prompt.txt")]
 
 
+def _script(name: str):
+    """A file of scripts/ or benchmarks/ as a module (they are scripts, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(name).stem, REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _bounds_script():
+    return _script("scripts/sys_answer_bounds.py")
+
+
+@functools.cache
+def _printed(config: Path) -> dict:
+    """``lightning-ctx fit --config config --print_config``, parsed (once per config for the whole module)."""
+    return _bounds_script().printed_config(config)
+
+
 def test_eight_settings_exist():
     assert all(c.exists() for c in CONFIGS), [c.name for c in CONFIGS if not c.exists()]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_paper_config_parses_with_the_protocol(config, capsys):
-    import yaml
-
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(config), "--print_config"])
-    assert info.value.code == 0, capsys.readouterr().err
-    cfg = yaml.safe_load(capsys.readouterr().out)
+def test_paper_config_parses_with_the_protocol(config):
+    cfg = _printed(config)
     m, t = cfg["model"], cfg["trainer"]
     assert (m["max_new_tokens"], m["scope"], m["topk"], m["divergence"]) == (512, "topk", 256, "reverse_kl")
-    assert m["topk_renormalize"] is (_task(config) == "safety")
+    # OPCD's README passes --kl_renorm_topk True for one system-prompt setting only: Llama-3.1-8B safety
+    assert m["topk_renormalize"] is (config.stem == "sys_safety_llama3.1_8b")
+    assert cfg["data"]["init_args"]["scoring"] == "strict"
     assert (m["lr"], m["lr_schedule"], m["warmup_steps"], m["temperature"]) == (5e-6, "constant", 0, 1.0)
     assert m["anchor_weight"] == 0.5 and m["gradient_checkpointing"] is True and t["precision"] == "bf16-mixed"
     assert t["max_steps"] == 50 and cfg["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"] == 128
@@ -62,13 +85,38 @@ def test_paper_config_parses_with_the_protocol(config, capsys):
 
 
 def _driver():
-    """benchmarks/paper.py as a module (it is a script, not part of the package)."""
-    import importlib.util
+    return _script("benchmarks/paper.py")
 
-    spec = importlib.util.spec_from_file_location("paper_driver", REPO / "benchmarks" / "paper.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
-    return driver
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_ceiling_and_floor_of_the_scoring_on_the_shipped_samples(config):
+    """Every gold answer, written as the prompt asks, is accepted by both scorings (ceiling 1.0); answering blindly
+    scores chance: 1/2 (verdicts) or 1/4 (four options) at random, the majority share as a constant answer."""
+    script = _bounds_script()
+    result = script.measure(config, printed=_printed(config))
+    files = {split: DATA / f"sys_{_task(config)}_{name}_sample.jsonl" for split, name in (("train", "train"),
+                                                                                          ("val", "test"))}
+    for scoring in ("strict", "opcd"):
+        assert set(result[scoring]) == {"verifier", "train", "val"}
+        for split, path in files.items():
+            golds = [json.loads(line)["answer"] for line in path.read_text().splitlines() if line.strip()]
+            majority = Counter(golds).most_common(1)[0][1] / len(golds)
+            b = result[scoring][split]
+            assert b["items"] == len(golds) and b["ceiling"] == 1.0
+            assert b["random"] == pytest.approx(1 / 2 if _task(config) == "safety" else 1 / 4)
+            assert b["constant"] == pytest.approx(majority)
+
+
+def test_bounds_see_a_verifier_that_misses_answers():
+    """The ceiling is measured, not assumed: a verifier that reads only some answers lowers it."""
+    from lightning_ctx.data.records import TaskRecord
+
+    script = _bounds_script()
+    records = [TaskRecord(id=str(i), context="c", prompt="Q?\nA) x\nB) y\nC) z", answer=a)
+               for i, a in enumerate("ABCC")]
+    only_c = lambda response, answer: "<answer>C</answer>" in response and answer == "C"  # noqa: E731
+    b = script.bounds(records, only_c, "medmcqa")
+    assert (b["ceiling"], b["random"], b["constant"], b["constant_answer"]) == (0.5, 0.5 / 3, 0.5, "C")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +141,7 @@ def test_paper_config_smoke_on_tiny_stand_in(config, stand_ins, mlflow_uri):
     assert 0.0 <= m["eval/acc_ctx"] <= 1.0 and 0.0 <= m["eval/acc_no_ctx"] <= 1.0
     assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/anchor"])
     assert len(MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train/loss")) == 2
-    assert params["cfg/model.topk_renormalize"] == str(task == "safety")
+    assert params["cfg/model.topk_renormalize"] == str(config.stem == "sys_safety_llama3.1_8b")
     assert params["cfg/model.scope"] == "topk" and params["cfg/model.max_new_tokens"] == "8"
     assert params["cfg/trainer.precision"] == "32-true" and params["cfg/model.student"] == stand_ins[family]
     assert tags["setting"] == config.stem and tags["task"] == f"sys_{task}"
@@ -112,3 +160,35 @@ def test_paper_driver_says_what_it_skips_and_why(capsys):
     out = capsys.readouterr().out
     assert "2 run(s) to do" in out and "builtin:methods/opd.yaml" in out and "--model.teacher" in out
     assert all(a in out for a in driver.SMOKE)
+
+
+def _user_error(capsys, argv) -> str:
+    """The one ``lightning-ctx: ...`` line a refused run prints (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("lightning-ctx")]
+    return line
+
+
+def test_a_paper_run_stops_on_a_bad_scoring_or_an_unreadable_gold(tiny_dirs, jsonl_file, mlflow_uri, capsys,
+                                                                  monkeypatch):
+    config = str(PAPER / "sys_medmcqa_qwen2.5_3b_from_7b.yaml")
+    models = ["--model.student", tiny_dirs["qwen2"], "--model.teacher", tiny_dirs["qwen2"], *SMOKE]
+    import lightning_ctx.models.teachers as teachers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the knobs were checked")
+
+    monkeypatch.setattr(teachers, "load_causal_lm", refuse)
+    line = _user_error(capsys, ["fit", "--config", config, *models, *_data_args("medmcqa"),
+                                "--data.init_args.scoring", "lenient"])
+    assert "field 'data.scoring'" in line and "must be one of strict, opcd, got 'lenient'" in line
+    monkeypatch.undo()
+    # gold E: an option letter the strict verifier reads, but OPCD's scorer knows A-D only
+    bad = jsonl_file([{"content": "Question: Pick one.\nOptions:\nA) a\nB) b\nC) c\nD) d\nE) e", "answer": "E"}])
+    line = _user_error(capsys, ["fit", "--config", config, *models, *_data_args("medmcqa"), "--data.init_args.scoring",
+                                "opcd", "--data.init_args.val_file", bad])
+    assert bad in line and "line 1" in line and "'mcqa_opcd' verifier cannot parse answer 'E'" in line
+    assert not mlflow.search_runs(experiment_names=["paper-sys"], output_format="list"), "a run was created"

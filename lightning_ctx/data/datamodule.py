@@ -148,8 +148,8 @@ class ContextPairDataModule(pl.LightningDataModule):
         max_prompt_length: the longest allowed context + prompt rendering in tokens; longer records
             are an error before training (no silent truncation).
         template: ``auto`` | ``chat`` | ``plain`` (see ``PromptRenderer``).
-        verifier: ``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` | ``mcqa_tagged`` | ``safety``;
-            ``verifier_kwargs`` go to it.
+        verifier: ``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` | ``mcqa_tagged`` | ``mcqa_opcd``
+            | ``safety`` | ``safety_opcd``; ``verifier_kwargs`` go to it.
         retain_contexts: other contexts c' for the optional retention term (empty = off).
         retain_others: also retain every context of the train split (each record draws one that is not its
             own), so a method config can turn retention on without knowing the task's contexts.

@@ -26,13 +26,14 @@ from typing import Any, Optional
 
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import TaskRecord
-from lightning_ctx.errors import DataError
-from lightning_ctx.knobs import check_class_args, existing_file
+from lightning_ctx.errors import ConfigError, DataError
+from lightning_ctx.knobs import check_class_args, existing_file, one_of
 from lightning_ctx.textfiles import file_problem, read_json_lines, read_text
 
-__all__ = ["DEFAULT_FIELDS", "MISSING", "ExportDataModule", "convert_export_rows", "field_value", "read_export_rows",
-           "read_context_file", "resolve_fields"]
+__all__ = ["DEFAULT_FIELDS", "MISSING", "SCORINGS", "ExportDataModule", "convert_export_rows", "field_value",
+           "read_export_rows", "read_context_file", "resolve_fields"]
 
+SCORINGS = ("strict", "opcd")  # data.scoring: our strict reading of the answer tag, or OPCD's
 DEFAULT_FIELDS = {"prompt": "content", "answer": "answer|reward_model.ground_truth", "id": "id"}
 MISSING = _MISSING = object()  # field_value's "no such field"
 
@@ -162,29 +163,48 @@ def read_context_file(system_prompt: Optional[str], system_prompt_file: Optional
 class ExportDataModule(ContextPairDataModule):
     """Base of the system-prompt tasks: export files (parquet / JSONL / JSON) converted on the fly.
 
-    Subclasses set ``VERIFIER`` (a registered verifier name) and ``normalize_answer``. Args as in
-    ``ContextPairDataModule`` plus ``system_prompt`` / ``system_prompt_file`` (the context, exactly one),
-    ``fields`` (the field map, see the module docs), ``instruction`` (a line appended to every prompt; empty
-    by default: in OPCD's protocol the answer format lives in the system prompt) and ``skip_unlabeled``.
+    Subclasses set ``VERIFIERS`` (which registered verifier each scoring uses) and ``normalize_answer``.
+
+    Args:
+        train_file / val_file / test_file: export files: parquet, JSONL or a JSON array (see the module docs).
+        system_prompt / system_prompt_file: the context, exactly one of them: the text itself, or a UTF-8 text file
+            read whole and stripped of leading and trailing whitespace (line breaks inside are kept; a context and
+            prompt longer than data.max_prompt_length tokens is an error). OPCD's published prompt files
+            (``opcd/system_prompts/{medmcqa,safety}.txt`` in microsoft/LMOps, downloaded by you) can be given as
+            they are; a split where neither the context nor any prompt asks for the ``<answer>`` tag is an error.
+        scoring: how a response is scored: ``strict`` (exactly one ``<answer>`` tag, exactly the letter /
+            verdict inside; anything else is wrong) or ``opcd`` (OPCD's scorer: the last ``<answer>`` tag,
+            read leniently; the task's verifier module documents every case).
+        fields: the field map (see the module docs).
+        instruction: a line appended to every prompt; empty by default: in OPCD's protocol the answer format
+            lives in the system prompt or the exported prompt.
+        skip_unlabeled: drop rows without a gold answer instead of failing.
+        Other arguments as in ``ContextPairDataModule``.
     """
 
-    VERIFIER = "exact"
+    VERIFIERS = {"strict": "exact"}  # scoring -> verifier name
+    ANSWER_TAG: Optional[str] = None  # the tag the verifiers read; the context or the prompts must ask for it
+    FORMAT_EXAMPLE = ""  # an instruction line asking for it, for the error message
     ID_PREFIX = "row-"
-    KNOB_CHECKS = (existing_file("system_prompt_file"),)
+    KNOB_CHECKS = (existing_file("system_prompt_file"), one_of("scoring", SCORINGS))
 
     def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
                  test_file: Optional[str] = None, system_prompt: Optional[str] = None,
-                 system_prompt_file: Optional[str] = None, fields: Optional[dict[str, str]] = None,
-                 instruction: str = "", skip_unlabeled: bool = False, tokenizer: Optional[str] = None,
-                 batch_size: int = 8, eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024,
-                 template: str = "auto", retain_contexts: Optional[list[str]] = None,
+                 system_prompt_file: Optional[str] = None, scoring: str = "strict",
+                 fields: Optional[dict[str, str]] = None, instruction: str = "", skip_unlabeled: bool = False,
+                 tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
+                 max_prompt_length: int = 1024, template: str = "auto", retain_contexts: Optional[list[str]] = None,
                  max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
         check_class_args(ExportDataModule, locals(), "data.")
+        if scoring not in self.VERIFIERS:
+            raise ConfigError(f"{type(self).__name__} has no {scoring!r} scoring; choose one of "
+                              f"{', '.join(self.VERIFIERS)}", field="data.scoring")
         super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
                          batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
-                         template=template, verifier=self.VERIFIER, retain_contexts=retain_contexts,
+                         template=template, verifier=self.VERIFIERS[scoring], retain_contexts=retain_contexts,
                          max_eval_items=max_eval_items, num_workers=num_workers, shuffle=shuffle, seed=seed)
         self.context = read_context_file(system_prompt, system_prompt_file)
+        self.scoring = scoring
         self.fields = resolve_fields(fields)
         self.instruction = instruction
         self.skip_unlabeled = skip_unlabeled
@@ -204,6 +224,17 @@ class ExportDataModule(ContextPairDataModule):
         if not path:
             return None
         if path not in self._converted:
-            self._converted[path] = [TaskRecord.from_dict(r, path=path)
-                                     for r in self.convert(read_export_rows(path), path=path)]
+            records = [TaskRecord.from_dict(r, path=path) for r in self.convert(read_export_rows(path), path=path)]
+            self._check_format_is_asked(records, path)
+            self._converted[path] = records
         return self._converted[path]
+
+    def _check_format_is_asked(self, records: list[TaskRecord], path: str) -> None:
+        """A model never told to write ``ANSWER_TAG`` scores 0 under either scoring: refuse such a split."""
+        tag = self.ANSWER_TAG
+        if tag is None or any(tag in r.context or tag in r.prompt for r in records):
+            return
+        raise DataError(f"neither the system prompt nor any prompt of this file asks for the answer as {tag}...: "
+                        "the verifier would score every response wrong. Write the format into the system prompt, or "
+                        f"add it to every prompt with data.instruction (e.g. {self.FORMAT_EXAMPLE!r})",
+                        path=path, field="data.instruction")

@@ -102,6 +102,20 @@ def extract_tagged(text: str, tag: str = "answer") -> str | None:
     return text[found[0].end():found[1].start()].strip()
 
 
+def last_tagged(text: str, tag: str = "answer", *, ignore_case: bool = True) -> str | None:
+    """The text inside the *last* ``<answer>...</answer>`` pair of ``text``, unstripped; None when there is no pair.
+
+    Lenient on purpose, as OPCD's scorer reads its tags (``re.findall`` of a lazy ``<answer>([\\s\\S]*?)</answer>``,
+    last match): pairs are found left to right, each opening tag closed by the nearest closing tag after it, so
+    ``<answer>a <answer>b</answer>`` is one pair holding ``a <answer>b``, and an opening tag that is never closed
+    (the second one of ``<answer>a</answer> <answer>b``) opens no pair. ``ignore_case`` lets the tag be written in
+    any case (``<ANSWER>``); a tag with spaces inside (``< answer >``) never counts.
+    """
+    name = re.escape(tag)
+    found = re.findall(rf"<{name}>([\s\S]*?)</{name}>", text, re.IGNORECASE if ignore_case else 0)
+    return found[-1] if found else None
+
+
 def _exact_parse(answer: str) -> str | None:
     return normalize_whitespace(answer) or None
 
@@ -111,14 +125,16 @@ TASK_VERIFIERS = {
     "world": "lightning_ctx.tasks.world.rules:world_verifier",
     "frozenlake": "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier",
     "mcqa_tagged": "lightning_ctx.tasks.mcqa.tagged:TaggedChoiceVerifier",
+    "mcqa_opcd": "lightning_ctx.tasks.mcqa.tagged:OPCDChoiceVerifier",
     "safety": "lightning_ctx.tasks.safety.rules:VerdictVerifier",
+    "safety_opcd": "lightning_ctx.tasks.safety.rules:OPCDVerdictVerifier",
 }
 VERIFIER_NAMES = ("exact", "regex", "choice", *TASK_VERIFIERS)
 
 
 def build_verifier(name: str, **kwargs) -> Verifier:
     """``exact`` | ``regex`` | ``choice`` | a task's verifier (``world``, ``frozenlake``, ``mcqa_tagged``,
-    ``safety``), with ``kwargs``."""
+    ``mcqa_opcd``, ``safety``, ``safety_opcd``), with ``kwargs``."""
     if name == "exact":
         return exact_match
     if name == "regex":

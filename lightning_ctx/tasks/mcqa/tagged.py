@@ -12,6 +12,15 @@ How a response is read (:class:`TaggedChoiceVerifier`; anything else is **unpars
 * no tag, a letter only in the reasoning (``the answer is C``), two tags, a tag in another case
   (``<Answer>``), anything but one letter inside (``<answer>C) Pancreas</answer>``, ``<answer>(C)</answer>``),
   or a missing closing tag -> unparseable.
+
+OPCD's reading (:class:`OPCDChoiceVerifier`, ``data.scoring: opcd``; ``get_medmcqa_acc`` v1 of
+``opcd/verl/verl/trainer/ppo/reward.py`` in microsoft/LMOps), over MedMCQA's four options A-D: take the text of the
+**last** ``<answer>...</answer>`` pair, the tag in any case (:func:`~lightning_ctx.data.verifiers.last_tagged`);
+the letter is the first parenthesised option letter in it (``(c)`` -> ``C``), else the first option letter
+*anywhere* in it, in either case, even inside a word. So ``<answer>C) Pancreas</answer>`` -> ``C``,
+``<answer>Pancreas (B)</answer>`` -> ``B``, ``<answer>A or B</answer>`` -> ``A``, but also
+``<answer>The answer is B</answer>`` -> ``A`` (the ``a`` of "answer") and ``<answer>Pancreas</answer>`` -> ``A``.
+No pair, or no option letter in the last one (``<answer>E</answer>``), is unparseable.
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.data.exports import MISSING, ExportDataModule, field_value
-from lightning_ctx.data.verifiers import extract_tagged
+from lightning_ctx.data.verifiers import extract_tagged, last_tagged
 from lightning_ctx.errors import DataError
 from lightning_ctx.tasks.mcqa.convert import LETTERS, row_to_record
 
-__all__ = ["SysMCQADataModule", "TaggedChoiceVerifier", "normalize_choice", "read_choice"]
+__all__ = ["OPCD_LETTERS", "OPCDChoiceVerifier", "SysMCQADataModule", "TaggedChoiceVerifier", "normalize_choice",
+           "read_choice", "read_choice_opcd"]
 
 _GOLD = re.compile(r"^\(?([A-Ja-j])[).:]?$")
+OPCD_LETTERS = "ABCD"  # OPCD's scorer knows MedMCQA's four options only
 
 
 def read_choice(response: str, letters: str = LETTERS) -> Optional[str]:
@@ -38,6 +49,20 @@ def read_choice(response: str, letters: str = LETTERS) -> Optional[str]:
         return None
     letter = inside.upper()
     return letter if letter in letters else None
+
+
+def read_choice_opcd(response: str, letters: str = OPCD_LETTERS) -> Optional[str]:
+    """OPCD's reading (see the module docs): the first parenthesised, else the first bare, option letter in the
+    last ``<answer>`` pair, upper-cased; None when there is no pair or no option letter in it."""
+    inside = last_tagged(response)
+    if inside is None:
+        return None
+    options = re.escape(letters.upper() + letters.lower())
+    parenthesised = re.search(rf"\(([{options}]?)\)", inside)  # "()" matches too, and then falls through, as in OPCD
+    if parenthesised and parenthesised.group(1):
+        return parenthesised.group(1).upper()
+    bare = re.search(rf"[{options}]", inside)
+    return bare.group(0).upper() if bare else None
 
 
 def normalize_choice(value: Any) -> Optional[str]:
@@ -73,8 +98,28 @@ class TaggedChoiceVerifier:
         return got is not None and got == normalize_choice(answer)
 
 
+class OPCDChoiceVerifier:
+    """OPCD's scoring: right when the letter :func:`read_choice_opcd` reads equals the gold letter. A gold letter
+    outside ``letters`` (A-D) is unreadable: this verifier could never score it right."""
+
+    def __init__(self, letters: str = OPCD_LETTERS):
+        self.letters = letters.upper()
+
+    def extract(self, response: str) -> Optional[str]:
+        return read_choice_opcd(response, self.letters)
+
+    def parse_answer(self, answer: str) -> Optional[str]:
+        gold = normalize_choice(answer)
+        return gold if gold is not None and gold in self.letters else None
+
+    def __call__(self, response: str, answer: str) -> bool:
+        got = read_choice_opcd(response, self.letters)
+        return got is not None and got == self.parse_answer(answer)
+
+
 class SysMCQADataModule(ExportDataModule):
-    """MedMCQA with OPCD's medical system prompt as the context (verifier ``mcqa_tagged``).
+    """MedMCQA with OPCD's medical system prompt as the context (verifier ``mcqa_tagged`` for ``data.scoring:
+    strict``, ``mcqa_opcd`` for ``opcd``; see the module docs).
 
     Reads ``sys_medmcqa_{train,test}`` exports through a field map (assumed layout: ``content`` = the question
     with its lettered options, ``answer`` or ``reward_model.ground_truth`` = the gold letter or a 0-based
@@ -83,7 +128,9 @@ class SysMCQADataModule(ExportDataModule):
     Args as in :class:`~lightning_ctx.data.exports.ExportDataModule`.
     """
 
-    VERIFIER = "mcqa_tagged"
+    VERIFIERS = {"strict": "mcqa_tagged", "opcd": "mcqa_opcd"}
+    ANSWER_TAG = "<answer>"
+    FORMAT_EXAMPLE = "End with the letter of your final choice as <answer>X</answer>."
     ID_PREFIX = "medmcqa-"
 
     @staticmethod

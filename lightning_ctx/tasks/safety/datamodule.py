@@ -10,7 +10,8 @@ from lightning_ctx.tasks.safety.rules import normalize_verdict
 
 class SafetyDataModule(ExportDataModule):
     """The ``safety`` task: the context is the safety system prompt, the prompt a user message, the answer the
-    gold verdict ``yes`` / ``no`` (verifier ``safety``: the response's ``<answer>`` tag).
+    gold verdict ``yes`` / ``no`` (verifier ``safety`` for ``data.scoring: strict``, ``safety_opcd`` for
+    ``opcd``: the response's ``<answer>`` tag, see ``lightning_ctx.tasks.safety.rules``).
 
     Reads ``sys_safety_{train,test}`` exports through a field map (assumed layout: ``content`` = the user
     message, ``answer`` or ``reward_model.ground_truth`` = the verdict; see ``lightning_ctx.data.exports``).
@@ -18,7 +19,9 @@ class SafetyDataModule(ExportDataModule):
     Args as in :class:`~lightning_ctx.data.exports.ExportDataModule`.
     """
 
-    VERIFIER = "safety"
+    VERIFIERS = {"strict": "safety", "opcd": "safety_opcd"}
+    ANSWER_TAG = "<answer>"
+    FORMAT_EXAMPLE = "Give your verdict as <answer>yes</answer> (refuse) or <answer>no</answer> (safe to help)."
     ID_PREFIX = "safety-"
 
     @staticmethod

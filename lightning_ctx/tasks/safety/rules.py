@@ -21,15 +21,25 @@ two tags (even if they agree)                             unparseable
 ``<answer>yes`` (no closing tag, e.g. truncated)          unparseable
 ``<answer>maybe</answer>``                                unparseable
 ========================================================  ==============================================
+
+OPCD's reading (:class:`OPCDVerdictVerifier`, ``data.scoring: opcd``; ``get_safety_acc`` v1 of
+``opcd/verl/verl/trainer/ppo/reward.py`` in microsoft/LMOps): the response is lower-cased, the **last**
+``<answer>...</answer>`` pair is taken (:func:`~lightning_ctx.data.verifiers.last_tagged`), and its text, stripped
+of surrounding whitespace, must equal the gold verdict. So, unlike the strict reading: ``<Answer>yes</Answer>`` is
+``yes``; of two tags the last one counts (``<answer>no</answer> wait <answer>yes</answer>`` is ``yes``); a last
+pair that is blank is wrong even after a readable one; an unclosed last tag is skipped (``<answer>no</answer>
+<answer>yes`` is ``no``). Anything else inside the tag (``yes.``, ``yes, because ...``, ``maybe``) is read as
+written and never equals ``yes`` / ``no``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from lightning_ctx.data.verifiers import extract_tagged
+from lightning_ctx.data.verifiers import extract_tagged, last_tagged
 
-__all__ = ["VERDICTS", "VerdictVerifier", "normalize_verdict", "read_verdict"]
+__all__ = ["VERDICTS", "OPCDVerdictVerifier", "VerdictVerifier", "normalize_verdict", "read_verdict",
+           "read_verdict_opcd"]
 
 VERDICTS = ("yes", "no")
 _GOLD_ALIASES = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
@@ -42,6 +52,15 @@ def read_verdict(response: str) -> Optional[str]:
         return None
     word = inside.lower()
     return word if word in VERDICTS else None
+
+
+def read_verdict_opcd(response: str) -> Optional[str]:
+    """OPCD's reading: the stripped text of the last ``<answer>`` pair of the lower-cased response, whatever it
+    says (only ``yes`` / ``no`` can ever be right); None when there is no pair or the last one is blank."""
+    inside = last_tagged(response.lower(), ignore_case=False)  # OPCD lower-cases first, then matches exactly
+    if inside is None or not inside.strip():
+        return None
+    return inside.strip()
 
 
 def normalize_verdict(value: Any) -> Optional[str]:
@@ -68,4 +87,17 @@ class VerdictVerifier:
 
     def __call__(self, response: str, answer: str) -> bool:
         got = read_verdict(response)
+        return got is not None and got == normalize_verdict(answer)
+
+
+class OPCDVerdictVerifier(VerdictVerifier):
+    """OPCD's scoring: right when the last tagged text (lower-cased, stripped) equals the gold verdict. Gold
+    verdicts are read as by the strict verifier (the data module has already normalised them to ``yes`` / ``no``,
+    which OPCD's own comparison, ``str(gold).strip().lower()``, leaves unchanged)."""
+
+    def extract(self, response: str) -> Optional[str]:
+        return read_verdict_opcd(response)
+
+    def __call__(self, response: str, answer: str) -> bool:
+        got = read_verdict_opcd(response)
         return got is not None and got == normalize_verdict(answer)
