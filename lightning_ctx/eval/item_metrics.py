@@ -27,8 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["RatioOfSums", "removability_items", "retention_items", "rate_items", "sampled_items", "counts_from_rates",
-           "values", "stack_runs", "RATE_KEYS"]
+__all__ = ["RatioOfSums", "ratio", "removability_items", "retention_items", "rate_items", "sampled_items",
+           "counts_from_rates", "values", "stack_runs", "RATE_KEYS"]
 
 #: Keys of :func:`rate_items`.
 RATE_KEYS = ("harm_rate", "harm_floor", "harm_excess", "help_rate", "help_floor", "help_excess")
