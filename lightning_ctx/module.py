@@ -29,9 +29,9 @@ from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModul
 from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss, LossTerm
-from lightning_ctx.models.loading import DTYPES, ModelError
+from lightning_ctx.models.loading import DTYPES, ModelError, load_model_config
 from lightning_ctx.models.scoring import response_logits
-from lightning_ctx.models.teachers import build_student_and_teacher
+from lightning_ctx.models.teachers import build_student_and_teacher, check_model_choices
 from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 from lightning_ctx.rollout_episodes import EpisodeBatch
@@ -61,6 +61,9 @@ def first_nonfinite(terms: dict[str, torch.Tensor], names: Sequence[str]) -> Opt
         if name in terms and not torch.isfinite(terms[name]).all():
             return name
     return None
+
+
+LOADED_IN_CONFIGURE_MODEL = frozenset({"student", "teacher", "vocab_size", "objective", "eos_token_ids", "step_tokens"})
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -181,19 +184,53 @@ class OnPolicyDistillation(pl.LightningModule):
         self.sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                          top_k=top_k, greedy=greedy_rollout)
         self.engine = build_engine(rollout_engine)
-        self.tokenizer, self.student, self.teacher, self.vocab_size = build_student_and_teacher(
-            student, teacher, lora=lora, teacher_quantization=teacher_quantization, dtype=dtype,
-            teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
-        if gradient_checkpointing:
-            enable_activation_checkpointing(self.student)
-        self.objective = DistillationLoss.from_hparams(self.hparams, self.vocab_size, extra_terms or ())
-        self.eos_token_ids = eos_ids_for(self.tokenizer, self.student)
+        # Cheap things now (tokenizer, config, the teacher's tokenizer): errors before any run starts. The weights
+        # load in configure_model, under the strategy's device and init context (straight onto each rank's device).
+        self.tokenizer = check_model_choices(student, teacher, lora, teacher_quantization, trust_remote_code,
+                                             local_files_only)
+        self.model_config = load_model_config(student, trust_remote_code, local_files_only)
         self.pad_token_id = self.tokenizer.pad_token_id
+        self._extra_terms = list(extra_terms or ())
+        self._models_loaded = False
         self.skipped_steps = 0
-        self.step_tokens = StepTokens(self.objective.terms)  # per-token sums over one optimizer step's micro-batches
         # The teacher is rebuilt from its source on load: checkpoints hold the student only.
         self.strict_loading = False
         self._step_started: float | None = None
+
+    # -- the models -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the student and the teacher (once; Lightning calls this in fit / validate / test under the strategy's
+        device and init context, ``load_from_checkpoint`` before restoring). Direct use from Python loads them on
+        the first access to ``student``, ``teacher``, ``objective``, ... (see ``__getattr__``)."""
+        if self._models_loaded:
+            return
+        hp = self.hparams
+        _, student, teacher, vocab_size = build_student_and_teacher(
+            hp.student, hp.teacher, lora=hp.lora, teacher_quantization=hp.teacher_quantization, dtype=hp.dtype,
+            teacher_dtype=hp.teacher_dtype, trust_remote_code=hp.trust_remote_code,
+            local_files_only=hp.local_files_only, tokenizer=self.tokenizer)
+        if hp.gradient_checkpointing:
+            enable_activation_checkpointing(student)
+        objective = DistillationLoss.from_hparams(hp, vocab_size, self._extra_terms)
+        self.student, self.teacher, self.vocab_size, self.objective = student, teacher, vocab_size, objective
+        self.eos_token_ids = eos_ids_for(self.tokenizer, student)
+        self.step_tokens = StepTokens(objective.terms)  # per-token sums over one optimizer step's micro-batches
+        self._models_loaded = True
+
+    def __getattr__(self, name: str):
+        # The models and what depends on them, loaded on first use outside a Trainer (notebooks, tests)
+        if name in LOADED_IN_CONFIGURE_MODEL and not self.__dict__.get("_models_loaded", True):
+            self.configure_model()
+            return getattr(self, name)  # now an attribute or a submodule
+        return super().__getattr__(name)
+
+    def state_dict(self, *args, **kwargs):
+        self.configure_model()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.configure_model()
+        return super().load_state_dict(*args, **kwargs)
 
     # -- checks ---------------------------------------------------------------------------------
     def check_data(self, datamodule) -> None:
@@ -203,7 +240,7 @@ class OnPolicyDistillation(pl.LightningModule):
             raise ConfigError(f"is {self.hparams.retain_weight}, but there are no other contexts to retain: set "
                               "data.retain_contexts (data.retain_others: true on the world), or model.retain_weight: 0",
                               field="model.retain_weight")
-        limit = getattr(self.student.config, "max_position_embeddings", None)
+        limit = getattr(self.model_config, "max_position_embeddings", None)
         if limit is None:
             return
         longest = datamodule.longest_prompt()

@@ -87,6 +87,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_files_only:
     return tok
 
 
+def load_model_config(name: str, trust_remote_code: bool = False, local_files_only: bool = True):
+    """The model's ``config.json`` (no weights): positions, vocabulary, layers, for checks before anything loads."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name, local_files_only)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{name}: cannot read the model config ({err})") from None
+
+
 def load_causal_lm(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
                    local_files_only: bool = True, quantization: Optional[str] = None, device_map=None):
     """Load an HF causal LM from a local folder (safetensors only) or the HF cache.
@@ -118,21 +129,26 @@ def load_quantized_teacher(name: str, quantization: str, dtype: str | torch.dtyp
     weights are repacked for the CPU kernels), else the CPU (bitsandbytes >= 0.45 has a CPU backend).
     ``dtype`` is the compute dtype of the non-quantized parts and of the 4-bit matmuls.
     """
+    check_quantized_teacher(name, quantization, trust_remote_code, local_files_only)
+    if quantization == "8bit":
+        _quiet_int8_cast_warning()
+    device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"} if torch.cuda.is_available() else None
+    model = load_causal_lm(name, dtype, trust_remote_code, local_files_only, quantization=quantization,
+                           device_map=device_map)
+    return freeze(model)
+
+
+def check_quantized_teacher(name: str, quantization: str, trust_remote_code: bool = False,
+                            local_files_only: bool = True) -> None:
+    """bitsandbytes is installed, and on a CPU whose 4-bit kernel repacks weights every layer has a shape it takes
+    (checked on a skeleton of the model, no weights loaded)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelError(f"teacher quantization {quantization!r} needs bitsandbytes (pip install "
                          f"'lightning-ctx[quant]')") from None
-    if quantization == "8bit":
-        _quiet_int8_cast_warning()
-    device_map = None
-    if torch.cuda.is_available():
-        device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
-    elif quantization == "4bit" and cpu_4bit_repacks():
+    if quantization == "4bit" and not torch.cuda.is_available() and cpu_4bit_repacks():
         check_cpu_4bit_shapes(name, trust_remote_code, local_files_only)
-    model = load_causal_lm(name, dtype, trust_remote_code, local_files_only, quantization=quantization,
-                           device_map=device_map)
-    return freeze(model)
 
 
 # bitsandbytes' AVX-512-BF16 CPU kernel repacks each 4-bit weight [out, in] in blocks of 32 output rows
@@ -201,6 +217,17 @@ def _quiet_int8_cast_warning() -> None:
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 
 
+def check_lora(lora: dict) -> None:
+    """``model.lora``'s keys are known and peft is installed."""
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ModelError(f"model.lora: unknown key(s) {unknown}; allowed: {sorted(LORA_DEFAULTS)}")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ModelError("model.lora needs peft (pip install 'lightning-ctx[lora]')") from None
+
+
 def apply_lora(model, lora: dict):
     """Wrap ``model`` with a fresh peft LoRA adapter; only the adapter weights train.
 
@@ -208,13 +235,9 @@ def apply_lora(model, lora: dict):
     linear layer but the LM head; or a list of module names such as ``[q_proj, v_proj]``). The adapter
     starts at zero (LoRA's B = 0), so the wrapped model computes exactly the base model at step 0.
     """
-    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
-    if unknown:
-        raise ModelError(f"model.lora: unknown key(s) {unknown}; allowed: {sorted(LORA_DEFAULTS)}")
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ModelError("model.lora needs peft (pip install 'lightning-ctx[lora]')") from None
+    check_lora(lora)
+    from peft import LoraConfig, get_peft_model
+
     cfg = {**LORA_DEFAULTS, **lora}
     targets = cfg["target_modules"]
     config = LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg["alpha"]), lora_dropout=float(cfg["dropout"]),

@@ -9,6 +9,8 @@ from typing import Optional
 from lightning_ctx.errors import ModelError
 from lightning_ctx.models.loading import (
     apply_lora,
+    check_lora,
+    check_quantized_teacher,
     freeze,
     load_causal_lm,
     load_quantized_teacher,
@@ -21,23 +23,47 @@ from lightning_ctx.models.scoring import eval_mode
 TEACHER_BASE = "base"  # model.teacher: the LoRA student's base weights with the adapter disabled
 
 
-def build_student_and_teacher(student: str, teacher: Optional[str] = None, *, lora: Optional[dict] = None,
-                              teacher_quantization: Optional[str] = None, dtype: str = "float32",
-                              teacher_dtype: Optional[str] = None, trust_remote_code: bool = False,
-                              local_files_only: bool = True):
-    """``(tokenizer, student, teacher, vocab_size)``; ``vocab_size`` is the vocabulary both share."""
+def uses_base_weights_teacher(teacher: Optional[str], lora: Optional[dict],
+                              teacher_quantization: Optional[str]) -> bool:
+    """With LoRA and no separate teacher, the base weights with the adapter off *are* the initial student."""
+    return teacher == TEACHER_BASE or (teacher is None and lora is not None and teacher_quantization is None)
+
+
+def check_model_choices(student: str, teacher: Optional[str] = None, lora: Optional[dict] = None,
+                        teacher_quantization: Optional[str] = None, trust_remote_code: bool = False,
+                        local_files_only: bool = True):
+    """Everything about the student and teacher choices that can be checked without their weights: the paths, the
+    tokenizers (a separate teacher must share the student's), LoRA and quantization settings. Returns the student's
+    tokenizer. Errors are :class:`ModelError` naming the knob."""
     tokenizer = load_tokenizer(student, trust_remote_code, local_files_only)
-    model = load_causal_lm(student, dtype, trust_remote_code, local_files_only)
-    model.train()  # from_pretrained returns eval mode; Lightning keeps modules as it finds them
-    # With LoRA and no separate teacher, the base weights with the adapter off *are* the initial student.
-    base_teacher = teacher == TEACHER_BASE or (teacher is None and lora is not None and teacher_quantization is None)
-    if base_teacher:
+    if uses_base_weights_teacher(teacher, lora, teacher_quantization):
         if lora is None:
             raise ModelError("model.teacher: base means the LoRA student's base weights with the adapter "
                              "disabled; set model.lora (or leave model.teacher unset)")
         if teacher_quantization is not None:
             raise ModelError("model.teacher_quantization does not apply to teacher: base (those weights are "
                              "the student's own)")
+    if lora is not None:
+        check_lora(lora)
+    if teacher not in (None, TEACHER_BASE):
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher, trust_remote_code, local_files_only), teacher)
+    if teacher_quantization is not None:
+        check_quantized_teacher(student if teacher is None else teacher, teacher_quantization, trust_remote_code,
+                                local_files_only)
+    return tokenizer
+
+
+def build_student_and_teacher(student: str, teacher: Optional[str] = None, *, lora: Optional[dict] = None,
+                              teacher_quantization: Optional[str] = None, dtype: str = "float32",
+                              teacher_dtype: Optional[str] = None, trust_remote_code: bool = False,
+                              local_files_only: bool = True, tokenizer=None):
+    """``(tokenizer, student, teacher, vocab_size)``; ``vocab_size`` is the vocabulary both share. ``tokenizer``: the
+    student's, when already loaded. The choices are checked first (:func:`check_model_choices`)."""
+    tokenizer = tokenizer or check_model_choices(student, teacher, lora, teacher_quantization, trust_remote_code,
+                                                 local_files_only)
+    model = load_causal_lm(student, dtype, trust_remote_code, local_files_only)
+    model.train()  # from_pretrained returns eval mode; Lightning keeps modules as it finds them
+    base_teacher = uses_base_weights_teacher(teacher, lora, teacher_quantization)
     if lora is not None:
         model = apply_lora(model, lora)
         model.train()
@@ -113,12 +139,8 @@ def frozen_copy(model, dtype: Optional[str] = None):
     return teacher
 
 
-def check_teacher_compatible(student_tok, teacher_tok, student_model, teacher_model, teacher_name: str) -> int:
-    """Teacher and student must share a tokenizer; returns the shared logit width to compare on.
-
-    Embedding tables are often padded past the tokenizer (Qwen2.5 3B vs 72B: 151936 vs 152064 rows)
-    although the tokenizer is identical, so logits are trimmed to the smaller width.
-    """
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
+    """On-policy distillation scores the student's tokens with the teacher: both must share one tokenizer."""
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
         only_s = len(set(s_vocab) - set(t_vocab))
@@ -128,6 +150,16 @@ def check_teacher_compatible(student_tok, teacher_tok, student_model, teacher_mo
                          f"{len(t_vocab)} tokens; {only_s} only in student, {only_t} only in teacher, {moved} "
                          f"with different ids). On-policy distillation scores the student's tokens with the "
                          f"teacher, so both must share one tokenizer.")
+
+
+def check_teacher_compatible(student_tok, teacher_tok, student_model, teacher_model, teacher_name: str) -> int:
+    """The shared logit width to compare on, for a teacher whose tokenizer is the student's
+    (:func:`check_same_tokenizer`, checked before its weights load).
+
+    Embedding tables are often padded past the tokenizer (Qwen2.5 3B vs 72B: 151936 vs 152064 rows)
+    although the tokenizer is identical, so logits are trimmed to the smaller width.
+    """
+    s_vocab = student_tok.get_vocab()
     width = min(output_vocab_size(student_model), output_vocab_size(teacher_model))
     if width < len(s_vocab):
         raise ModelError(f"{teacher_name}: logit width {width} is smaller than the tokenizer ({len(s_vocab)} tokens)")

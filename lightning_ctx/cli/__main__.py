@@ -1,0 +1,3 @@
+from lightning_ctx.cli.app import main
+
+main()
