@@ -1,7 +1,8 @@
 """``GameEvalCallback``: the episode-level evaluation of :mod:`lightning_ctx.tasks.games.evaluate` inside a Trainer.
 
-Logs ``{prefix}pass_no_ctx``, ``{prefix}pass_ctx``, ``{prefix}harm``, ``{prefix}help``, turns, invalid-move rates
-and lengths at the global step (at step 0 before training, every ``every_n_steps`` steps and at the end of fit; on
+Logs ``{prefix}pass_no_ctx``, ``{prefix}pass_ctx``, ``{prefix}harm``, ``{prefix}help``, turns, invalid-move rates,
+lengths and the oracle's ceiling and floor on the same seeds (``{prefix}pass_oracle``, ``{prefix}pass_random``) at
+the global step (at step 0 before training, every ``every_n_steps`` steps and at the end of fit; on
 ``validate`` / ``test``), ``ref/teacher_pass_ctx`` once (the teacher with the experience, when the teacher is a
 separate model; with the frozen initial student it equals step 0's ``pass_ctx``), and uploads
 ``{prefix}step_000050/transcripts.json`` (every game both ways, as the student saw it). Each rank plays every
@@ -27,9 +28,10 @@ from lightning_ctx.eval.evaluator import gather_objects
 from lightning_ctx.knobs import at_least, check_class_args
 from lightning_ctx.rollout import SamplingSettings, sample_responses
 from lightning_ctx.tasks.games.datamodule import GamesDataModule
-from lightning_ctx.tasks.games.evaluate import GameSummary, evaluate_games, game_metrics, pass_rate
+from lightning_ctx.tasks.games.evaluate import GameSummary, evaluate_games, game_metrics, pass_rate, reference_rates
 
-SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx")
+SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx", "pass_oracle",
+                "pass_random")
 
 
 class GameEvalCallback(Callback):
@@ -113,7 +115,7 @@ class GameEvalCallback(Callback):
         parts = gather_objects((result.transcripts, result.no_ctx, result.ctx))
         rows = sorted((r for p in parts for r in p[0]), key=lambda r: r["seed"])
         no_ctx, ctx = _merge([p[1] for p in parts]), _merge([p[2] for p in parts])
-        metrics = game_metrics(no_ctx, ctx)
+        metrics = game_metrics(no_ctx, ctx, reference_rates(dm.factory, seeds))  # oracle ceiling, random floor
         step = int(trainer.global_step)
         log_to_loggers(trainer.loggers, lambda k, m: rank_zero_warn(m), {f"{prefix}{k}": v for k, v in metrics.items()},
                        step)
