@@ -31,6 +31,14 @@ class Check:
     hint: str = ""  # what else would make the value acceptable
 
 
+@dataclass(frozen=True)
+class ArgsCheck:
+    """A check over several arguments that measures something to say what is wrong (e.g. the games' playability):
+    ``run(args)`` raises its own :class:`ConfigError` naming the knob and the measured value."""
+
+    run: Callable[[Mapping[str, Any]], None]
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
@@ -68,6 +76,9 @@ def existing_file(name: str, **kw) -> Check:
 def check_args(checks: Iterable[Check], args: Mapping[str, Any], prefix: str = "") -> None:
     """Raise :class:`ConfigError` for the first argument in ``args`` that breaks its check."""
     for check in checks:
+        if isinstance(check, ArgsCheck):
+            check.run(args)
+            continue
         if check.name not in args:
             continue
         value = args[check.name]

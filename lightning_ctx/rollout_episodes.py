@@ -406,7 +406,8 @@ def play_episodes(sample: TurnSampler, fmt: EpisodeFormat, games: Sequence[Game]
             ep.turns.append(turn)
             move = chat.move_text(turn.response)
             done, feedback = ep.game.step(move)
-            action = getattr(ep.game, "last_action", move)
+            sent = getattr(ep.game, "actions", None)  # what the environment took from the reply (TextGame)
+            action = sent[-1] if sent else move
             ep.transcript.append({"role": "assistant", "content": chat.visible_reply(turn.response),
                                   "raw": chat.tokenizer.decode(turn.response), "action": action,
                                   "finished": turn.finished})

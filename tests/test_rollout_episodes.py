@@ -87,6 +87,7 @@ def test_mask_covers_exactly_the_students_turns(tok, live):
     # the sequence is exactly the chat template applied to the whole transcript (nothing lost, nothing doubled)
     messages = [{"role": m["role"], "content": m["content"]} for m in ep.transcript]
     assert ep.prompt_ids + ep.tokens == chat.encode(chat.render(messages, generation_prompt=False))
+    assert [m["action"] for m in ep.transcript if m["role"] == "assistant"] == [f"[{m}]" for m in plan]
 
 
 @pytest.mark.parametrize("per_turn", [False, True])

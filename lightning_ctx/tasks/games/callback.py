@@ -1,8 +1,9 @@
 """``GameEvalCallback``: the episode-level evaluation of :mod:`lightning_ctx.tasks.games.evaluate` inside a Trainer.
 
 Logs ``{prefix}pass_no_ctx``, ``{prefix}pass_ctx``, ``{prefix}harm``, ``{prefix}help``, turns, invalid-move rates,
-lengths and the mechanistic metrics (``ctx_kl``, ``hidden_cos/*``) at the global step (at step 0 before training,
-every ``every_n_steps`` steps and at the end of fit; on ``validate`` / ``test``), ``ref/teacher_pass_ctx`` once (the
+lengths, the oracle's ceiling and floor on the same seeds (``{prefix}pass_oracle``, ``{prefix}pass_random``) and the
+mechanistic metrics (``ctx_kl``, ``hidden_cos/*``) at the global step (at step 0 before training, every
+``every_n_steps`` steps and at the end of fit; on ``validate`` / ``test``), ``ref/teacher_pass_ctx`` once (the
 teacher with the experience, when the teacher is a separate model; with the frozen initial student it equals step 0's
 ``pass_ctx``), and uploads ``{prefix}step_000050/transcripts.json`` (every game both ways, as the student saw it).
 Each rank plays every ``world_size``-th seed; results are gathered before the metrics are computed; rank 0 writes.
@@ -34,9 +35,11 @@ from lightning_ctx.tasks.games.evaluate import (
     evaluate_games,
     game_metrics,
     pass_rate,
+    reference_rates,
 )
 
-SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx")
+SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx", "pass_oracle",
+                "pass_random")
 
 
 class GameEvalCallback(Callback):
@@ -130,7 +133,8 @@ class GameEvalCallback(Callback):
         no_ctx, ctx = _merge([p[1] for p in parts]), _merge([p[2] for p in parts])
         for p in parts[1:]:
             parts[0][3].merge(p[3])
-        metrics = {**game_metrics(no_ctx, ctx), **parts[0][3].compute()}
+        # with the oracle's ceiling and the random player's floor on the same seeds
+        metrics = {**game_metrics(no_ctx, ctx, reference_rates(dm.factory, seeds)), **parts[0][3].compute()}
         step = int(trainer.global_step)
         log_to_loggers(trainer.loggers, lambda k, m: rank_zero_warn(m), {f"{prefix}{k}": v for k, v in metrics.items()},
                        step)

@@ -7,12 +7,16 @@ with the student (without the experience) and scores them with the teacher (with
 
 from __future__ import annotations
 
-from typing import Optional
+import statistics
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import TaskRecord
-from lightning_ctx.errors import DataError
-from lightning_ctx.knobs import at_least, check_class_args, existing_file, one_of
+from lightning_ctx.errors import ConfigError, DataError
+from lightning_ctx.knobs import ArgsCheck, at_least, check_class_args, existing_file, one_of
 from lightning_ctx.rollout_episodes import (
     EPISODE_FORMATS,
     HISTORIES,
@@ -22,12 +26,23 @@ from lightning_ctx.rollout_episodes import (
     PerTurnFormat,
     build_format,
 )
-from lightning_ctx.tasks.games.env import GameFactory, check_env_id
+from lightning_ctx.tasks.games import oracle
+from lightning_ctx.tasks.games.env import GameFactory, check_env_id, check_env_kwargs
 from lightning_ctx.textfiles import read_text
 
 #: Seed ranges of the splits: split k draws seeds ``data_seed * 10**7 + k * 10**6 + i``, so splits never share a
-#: seed (FrozenLake 4x4 has only a few hundred distinct boards: boards do repeat across splits there).
+#: seed, but boards do repeat across splits where there are few: OPCD's FrozenLake (3x3, 2 holes, start top-left,
+#: goal bottom-right) has 19 distinct boards, the registry's 4x4 with 3 holes a few hundred.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+#: OPCD's environment settings (microsoft/LMOps opcd/verl/verl/trainer/ppo/ray_trainer.py), used when
+#: ``data.env_kwargs`` is not set; ``env_kwargs: {}`` gives TextArena's registered ones (4x4 with 3 holes, 3 boxes:
+#: no game can be won in 5 moves).
+PAPER_ENV_KWARGS = {"FrozenLake-v0-raw": {"size": 3, "num_holes": 2, "randomize_start_goal": False},
+                    "Sokoban-v0-raw": {"num_boxes": 1, "dim_room": [6, 6]}}
+#: A split where fewer games than this can be won within max_turns cannot measure anything: a config error.
+MIN_PLAYABLE = 0.10
+#: The train split is checked on this many of its games (evenly spread) when larger; val/test on every game.
+TRAIN_CHECK_GAMES = 512
 PROBE_GAMES = 8  # first games of each split rendered to size the longest first prompt
 PROBE_MOVES = ("[right]", "[down]", "no move")  # moves whose feedback sizes a user turn (a move and a warning)
 FEEDBACK_MARGIN = 16  # tokens on top of the longest probed feedback turn
@@ -46,11 +61,74 @@ class EpisodeCollator:
                             self.factory, self.fmt, self.pad_token_id)
 
 
+def env_kwargs_for(env_id: str, env_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``data.env_kwargs`` as used: as given, or ``PAPER_ENV_KWARGS`` when unset."""
+    return dict(PAPER_ENV_KWARGS.get(env_id, {}) if env_kwargs is None else env_kwargs)
+
+
+def split_seeds(data_seed: int, split: str, n: int) -> list[int]:
+    base = data_seed * 10_000_000 + SPLIT_OFFSETS[split]
+    return [base + i for i in range(n)]
+
+
+def checked_seeds(seeds: list[int], split: str) -> list[int]:
+    """The seeds the playability check solves: all of val/test, an evenly spread sample of a large train split."""
+    if split != "train" or len(seeds) <= TRAIN_CHECK_GAMES:
+        return seeds
+    return [seeds[i * len(seeds) // TRAIN_CHECK_GAMES] for i in range(TRAIN_CHECK_GAMES)]
+
+
+def playability_report(args: Mapping[str, Any]) -> dict[str, oracle.Playability]:
+    """``data.env_kwargs`` checked against the environment, then the oracle on each split (see
+    ``GamesDataModule``): one ConfigError for a bad key or value, or for a split below ``MIN_PLAYABLE``."""
+    env_id, env_kwargs, max_turns = args["env_id"], args.get("env_kwargs"), int(args["max_turns"])
+    check_env_id(env_id)
+    check_env_kwargs(env_id, env_kwargs)
+    env_kwargs = env_kwargs_for(env_id, env_kwargs)
+    if not oracle.supported(env_id):
+        return {}
+    report = {}
+    for split in ("val", "test", "train"):  # the evaluated splits first: a refusal comes sooner
+        n = int(args[f"n_{split}"])
+        if split != "train" and args.get("max_eval_items") is not None:
+            n = min(n, int(args["max_eval_items"]))
+        if n <= 0:
+            continue
+        seeds = checked_seeds(split_seeds(int(args["data_seed"]), split, n), split)
+        try:
+            found = report[split] = oracle.playability(env_id, env_kwargs, seeds, max_turns)
+        except (RuntimeError, ValueError) as err:  # TextArena could not build one of the boards
+            raise ConfigError(f"{env_id} cannot build every {split} board with {env_kwargs}: {err}",
+                              field="data.env_kwargs") from None
+        if found.fraction < MIN_PLAYABLE:
+            raise _unplayable(env_id, env_kwargs, max_turns, split, n, found, seeds)
+    return report
+
+
+def _unplayable(env_id, env_kwargs, max_turns, split, n, found, seeds) -> ConfigError:
+    sample = f" (a sample of {found.checked} of its {n} games)" if found.checked < n else ""
+    shortest = oracle.shortest_wins(env_id, env_kwargs, seeds[:32])
+    need = int(statistics.median(shortest)) if shortest else None
+    how = (f"the median shortest win is {need} moves: raise data.max_turns to {need} or more, or give smaller boards"
+           if need else "no win at all: give smaller boards")
+    return ConfigError(
+        f"{found.fraction:.1%} of the {split} games{sample} can be won within {max_turns} moves ({found.winnable} "
+        f"of {found.checked}; {env_id}, env_kwargs {dict(env_kwargs or {})}), below the {MIN_PLAYABLE:.0%} a run "
+        f"needs to measure anything; {how} through data.env_kwargs (OPCD: FrozenLake size 3, num_holes 2, "
+        "randomize_start_goal false; Sokoban num_boxes 1, dim_room [6, 6])",
+        field="data.max_turns" if need else "data.env_kwargs")
+
+
 class GamesDataModule(ContextPairDataModule):
     """Multi-turn text games (TextArena) with experiential knowledge as the context.
 
     Args:
         env_id: a single-player ``-raw`` TextArena environment (``FrozenLake-v0-raw``, ``Sokoban-v0-raw``).
+        env_kwargs: the environment's constructor arguments, ``textarena.make(env_id, **env_kwargs)`` (a YAML list
+            becomes a tuple), checked against the constructor before anything runs. None (default): OPCD's values
+            for the two paper games (``PAPER_ENV_KWARGS``: FrozenLake ``size: 3, num_holes: 2,
+            randomize_start_goal: false``; Sokoban ``num_boxes: 1, dim_room: [6, 6]``); ``{}``: TextArena's
+            registered ones.
         max_turns: model turns per episode (OPCD: 5); the game may end earlier (win, loss, invalid moves).
         n_train / n_val / n_test: games (seeds) per split; 0 = no such split.
         data_seed: shifts every split's seed range (see ``SPLIT_OFFSETS``).
@@ -72,11 +150,19 @@ class GamesDataModule(ContextPairDataModule):
         batch_size: games per training step; eval_batch_size: games per evaluation batch.
         max_prompt_length: the longest allowed first prompt with the experience, in tokens.
         Other arguments as in ``ContextPairDataModule``.
+
+    Playability, before anything runs (the CLI checks it with the other knobs, before any model loads): the
+    oracle (:mod:`lightning_ctx.tasks.games.oracle`) solves every val/test game and up to ``TRAIN_CHECK_GAMES``
+    train games (evenly spread); a split where fewer than ``MIN_PLAYABLE`` of them can be won within
+    ``max_turns`` is a ConfigError. The fractions are printed, one line per split, and kept in ``playability``.
     """
 
     KNOB_CHECKS = (at_least("max_turns", 1), at_least("turn_tokens", 1), at_least("n_train", 1), at_least("n_val", 0),
                    at_least("n_test", 0), at_least("data_seed", 0), existing_file("experience_file"),
-                   one_of("episode_format", EPISODE_FORMATS), one_of("history", HISTORIES))
+                   one_of("episode_format", EPISODE_FORMATS), one_of("history", HISTORIES),
+                   # env_kwargs and playability need several arguments and report measured numbers (cached, so the
+                   # CLI's and __init__'s runs cost one)
+                   ArgsCheck(lambda args: playability_report(args)))
 
     def __init__(self, env_id: str = "FrozenLake-v0-raw", max_turns: int = 5, n_train: int = 1000, n_val: int = 128,
                  n_test: int = 0, data_seed: int = 0, experience: str = "", experience_file: Optional[str] = None,
@@ -84,9 +170,9 @@ class GamesDataModule(ContextPairDataModule):
                  enable_thinking: Optional[bool] = None, keep_reasoning: bool = True,
                  tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
                  max_prompt_length: int = 8192, template: str = "chat", max_eval_items: Optional[int] = None,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0):
+                 num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                 env_kwargs: Optional[dict[str, Any]] = None):
         check_class_args(GamesDataModule, locals(), "data.")
-        check_env_id(env_id)
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          max_prompt_length=max_prompt_length, template=template, max_eval_items=max_eval_items,
                          num_workers=num_workers, shuffle=shuffle, seed=seed)
@@ -100,17 +186,35 @@ class GamesDataModule(ContextPairDataModule):
                             "data.experience", field="data.experience_file")
         self.enable_thinking, self.keep_reasoning = enable_thinking, keep_reasoning
         self.episode_format, self.history = episode_format, history
-        self.factory = GameFactory(env_id, max_turns)
+        self.env_kwargs = env_kwargs_for(env_id, env_kwargs)
+        self.factory = GameFactory(env_id, max_turns, self.env_kwargs)
+        self.playability = self.measure_playability()
         self.episodes: EpisodeFormat | None = None  # built with the tokenizer (validate)
         self._longest: int | None = None
         self._feedback: int | None = None
 
     def seeds(self, split: str) -> list[int]:
-        base = self.data_seed * 10_000_000 + SPLIT_OFFSETS[split]
         n = self.sizes[split]
         if split != "train" and self.max_eval_items is not None:
             n = min(n, self.max_eval_items)
-        return [base + i for i in range(n)]
+        return split_seeds(self.data_seed, split, n)
+
+    # -- playability (the oracle) ------------------------------------------------------------------
+    def measure_playability(self) -> dict[str, oracle.Playability]:
+        """The oracle on each split (cached per seed; raises for an unplayable split) and one line per split."""
+        args = {"env_id": self.env_id, "env_kwargs": self.env_kwargs, "max_turns": self.max_turns,
+                "data_seed": self.data_seed, "max_eval_items": self.max_eval_items,
+                **{f"n_{split}": n for split, n in self.sizes.items()}}
+        report = playability_report(args)
+        for split, found in sorted(report.items(), key=lambda item: list(SPLIT_OFFSETS).index(item[0])):
+            n = len(self.seeds(split))
+            sample = f" (a sample of {found.checked} of {n})" if found.checked < n else ""
+            rank_zero_info(f"{self.env_id} {self.env_kwargs}: {found.fraction:.1%} of the {split} games"
+                           f"{sample} can be won within {self.max_turns} moves; the random legal-move player wins "
+                           f"{found.random_pass:.1%}")
+        if not report:
+            rank_zero_info(f"{self.env_id}: no playability oracle for this game (FrozenLake and Sokoban only)")
+        return report
 
     def load_split_records(self, split: str) -> list[TaskRecord] | None:
         if self.sizes[split] <= 0:

@@ -10,13 +10,19 @@
 | ``turns_no_ctx``, ``turns_ctx`` | mean model turns per game |
 | ``invalid_rate_no_ctx``, ``invalid_rate_ctx`` | invalid moves over model turns |
 | ``len_no_ctx``, ``len_ctx``, ``len_inflation`` | mean student tokens per game; ``len_ctx / len_no_ctx - 1`` |
+| ``pass_oracle`` | fraction of the same games an optimal player wins within the turn limit (the ceiling) |
+| ``pass_random`` | the random legal-move player's exact win probability per game, averaged (the floor) |
 | ``ctx_kl`` | mean per-token KL(student without || student with the experience), teacher-forced on the turns the
   student played without it, each under the prefix it was sampled with (and the same prefix with the experience) |
 | ``hidden_cos/layer_k``, ``hidden_cos/mean`` | cosine of the two passes' hidden states at those tokens |
 
+``pass_oracle`` / ``pass_random`` come from :mod:`lightning_ctx.tasks.games.oracle` (FrozenLake and Sokoban; NaN
+for other games or without a ``GameFactory``); ``pass_random`` weighs every play by its chance, so it has no
+sampling noise.
+
 Sampled as OPCD evaluates (temperature 0.7, top-p 0.8, top-k 20; ``GameEvalCallback``) or greedy. ``transcripts``
-holds one row per seed: both games' messages (as the student saw them), reward, pass, reason, turns and invalid
-moves.
+holds one row per seed: both games' messages (as the student saw them), the action sent to TextArena for each reply,
+reward, pass, reason, turns and invalid moves.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from lightning_ctx.eval.hidden_cos import HiddenCosine
 from lightning_ctx.eval.metrics import MeanTokenKL
 from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response
 from lightning_ctx.rollout_episodes import Episode, EpisodeFormat, TurnSampler, play_episodes
+from lightning_ctx.tasks.games import oracle
 
 GAME_METRIC_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "both_pass", "reward_no_ctx", "reward_ctx",
                     "turns_no_ctx", "turns_ctx", "invalid_rate_no_ctx", "invalid_rate_ctx", "len_no_ctx", "len_ctx",
-                    "len_inflation")
+                    "len_inflation", "pass_oracle", "pass_random")
+REFERENCE_KEYS = ("pass_oracle", "pass_random")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -72,13 +80,26 @@ class GameSummary:
                 f"len_{tag}": _ratio(sum(self.tokens), n)}
 
 
-def game_metrics(no_ctx: GameSummary, ctx: GameSummary) -> dict[str, float]:
-    """Every metric of the module docstring from the two passes over the same seeds (same order)."""
+def reference_rates(factory, seeds: Sequence[int]) -> dict[str, float]:
+    """``pass_oracle`` and ``pass_random`` on ``seeds`` (see the module docstring); NaN where the oracle does not
+    know the game (or ``factory`` is not a ``GameFactory``)."""
+    env_id = getattr(factory, "env_id", None)
+    if env_id is None or not seeds or not oracle.supported(env_id):
+        return dict.fromkeys(REFERENCE_KEYS, math.nan)
+    found = oracle.playability(env_id, factory.env_kwargs, seeds, factory.max_turns)
+    return {"pass_oracle": found.fraction, "pass_random": found.random_pass}
+
+
+def game_metrics(no_ctx: GameSummary, ctx: GameSummary,
+                 references: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Every metric of the module docstring from the two passes over the same seeds (same order);
+    ``references``: ``reference_rates`` on those seeds (NaN when not given)."""
     if len(no_ctx.passed) != len(ctx.passed):
         raise ValueError(f"the two passes played {len(no_ctx.passed)} and {len(ctx.passed)} games")
     pairs = list(zip(no_ctx.passed, ctx.passed))
     won0 = sum(a for a, _ in pairs)
-    out = {**no_ctx.rates("no_ctx"), **ctx.rates("ctx")}
+    out = {**no_ctx.rates("no_ctx"), **ctx.rates("ctx"), **dict.fromkeys(REFERENCE_KEYS, math.nan),
+           **(references or {})}
     out["harm"] = _ratio(sum(a and not b for a, b in pairs), won0)
     out["help"] = _ratio(sum(b and not a for a, b in pairs), len(pairs) - won0)
     out["both_pass"] = _ratio(sum(a and b for a, b in pairs), len(pairs))
@@ -90,7 +111,8 @@ def _row(tag: str, e: Episode) -> dict[str, Any]:
     o = e.outcome
     return {f"passed_{tag}": o.passed, f"reward_{tag}": o.reward, f"reason_{tag}": o.reason,
             f"turns_{tag}": o.turns, f"invalid_moves_{tag}": o.invalid_moves, f"ended_by_{tag}": o.ended_by,
-            f"tokens_{tag}": e.student_tokens, f"transcript_{tag}": e.transcript}
+            f"tokens_{tag}": e.student_tokens, f"transcript_{tag}": e.transcript,
+            f"actions_{tag}": list(getattr(e.game, "actions", []))}  # what TextArena was sent per turn
 
 
 @dataclass
@@ -163,7 +185,7 @@ def evaluate_games(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequ
     with_ctx = play_in_batches(sample, fmt, factory, seeds, experience, pad_token_id, device, batch_size)
     no_ctx, ctx = GameSummary.of(plain), GameSummary.of(with_ctx)
     rows = [{"seed": int(s), **_row("no_ctx", a), **_row("ctx", b)} for s, a, b in zip(seeds, plain, with_ctx)]
-    return GameEvalResult(game_metrics(no_ctx, ctx), rows, no_ctx, ctx, plain)
+    return GameEvalResult(game_metrics(no_ctx, ctx, reference_rates(factory, seeds)), rows, no_ctx, ctx, plain)
 
 
 def pass_rate(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], context: Optional[str],

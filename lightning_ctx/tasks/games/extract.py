@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, Episode, EpisodeFormat, TurnSampler
-from lightning_ctx.tasks.games.datamodule import SPLIT_OFFSETS
-from lightning_ctx.tasks.games.env import GameFactory, check_env_id
+from lightning_ctx.tasks.games.datamodule import SPLIT_OFFSETS, env_kwargs_for
+from lightning_ctx.tasks.games.env import GameFactory, check_env_id, check_env_kwargs
 from lightning_ctx.tasks.games.evaluate import pass_rate
 
 MODES = ("accumulate", "revise")
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint folder (or an id in the HF cache)")
     p.add_argument("--env-id", default="FrozenLake-v0-raw", help="a -raw TextArena game (FrozenLake, Sokoban)")
+    p.add_argument("--env-kwargs", default=None,
+                   help="the game's constructor arguments as JSON, e.g. '{\"size\": 3}' (default: OPCD's boards, "
+                        "as data.env_kwargs)")
     p.add_argument("--out", required=True, help="where to write the best experience text")
     p.add_argument("--experience", default=None, help="starting experience file (default: none)")
     p.add_argument("--mode", choices=MODES, default="accumulate",
@@ -249,6 +252,12 @@ def extract_main(argv: Sequence[str]) -> int:
     if a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise ConfigError("sampling needs temperature > 0, 0 < top-p <= 1, top-k >= 0", field="--temperature")
     check_env_id(a.env_id)
+    try:
+        env_kwargs = None if a.env_kwargs is None else json.loads(a.env_kwargs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"is not JSON ({err})", field="--env-kwargs") from None
+    check_env_kwargs(a.env_id, env_kwargs, field="--env-kwargs")
+    factory = GameFactory(a.env_id, a.max_turns, env_kwargs_for(a.env_id, env_kwargs))
     out = Path(a.out)
     if out.is_dir():
         raise ConfigError("is a folder; give the path of the experience file to write", path=out, field="--out")
@@ -272,7 +281,7 @@ def extract_main(argv: Sequence[str]) -> int:
             for name, text in texts.items():
                 mlflow.log_text(text, f"update_{k:03d}/{name}")
 
-        result = run_extraction(play, play, write, fmt, GameFactory(a.env_id, a.max_turns), a.updates, a.games,
+        result = run_extraction(play, play, write, fmt, factory, a.updates, a.games,
                                 a.val_games, initial, a.mode, a.eval_every, a.max_experience_tokens, a.seed,
                                 tokenizer.pad_token_id, device, a.batch_size, log)
         mlflow.log_metrics({"extract/best_update": result.best_update, "extract/best_val_pass": result.best_val_pass})

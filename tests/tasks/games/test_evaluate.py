@@ -6,8 +6,15 @@ import pytest
 
 from lightning_ctx.models.loading import load_tokenizer
 from lightning_ctx.rollout_episodes import ChatFormat, build_format
-from lightning_ctx.tasks.games.env import GameFactory
-from lightning_ctx.tasks.games.evaluate import GameSummary, evaluate_games, game_metrics
+from lightning_ctx.tasks.games import oracle
+from lightning_ctx.tasks.games.env import NO_ACTION, GameFactory
+from lightning_ctx.tasks.games.evaluate import (
+    GAME_METRIC_KEYS,
+    GameSummary,
+    evaluate_games,
+    game_metrics,
+    reference_rates,
+)
 from tests.tasks.games.players import LiveGames, scripted_sampler, state_plan
 
 
@@ -22,6 +29,21 @@ def test_metrics_by_hand():
     assert m["reward_ctx"] == pytest.approx(2.2 / 4) and m["len_inflation"] == pytest.approx(36 / 44 - 1)
     none_won = game_metrics(GameSummary([False], [0.0], [1], [0], [3]), GameSummary([True], [1.0], [1], [0], [3]))
     assert math.isnan(none_won["harm"]) and none_won["help"] == 1.0  # undefined ratios are NaN, never 0
+    assert math.isnan(m["pass_oracle"]) and math.isnan(m["pass_random"])  # no references given
+    refs = game_metrics(no_ctx, ctx, {"pass_oracle": 0.75, "pass_random": 0.125})
+    assert list(refs) == list(GAME_METRIC_KEYS) and refs["pass_oracle"] == 0.75 and refs["pass_random"] == 0.125
+
+
+def test_reference_rates_are_the_oracle_on_exactly_those_seeds():
+    kwargs = {"num_boxes": 1, "dim_room": [6, 6]}
+    seeds = [1_000_008, 1_000_010, 1_000_011, 1_000_012]  # val seeds 10 and 12 cannot be won within 5 moves
+    rates = reference_rates(GameFactory("Sokoban-v0-raw", 5, kwargs), seeds)
+    assert rates["pass_oracle"] == 0.5
+    exact = [oracle.random_win_probability(oracle.board("Sokoban-v0-raw", kwargs, s), 5) for s in seeds]
+    assert rates["pass_random"] == pytest.approx(sum(exact) / 4) and 0 < rates["pass_random"] < 0.5
+    assert reference_rates(GameFactory("Sokoban-v0-raw", 30, kwargs), seeds)["pass_oracle"] == 1.0  # more turns
+    unknown = reference_rates(lambda seeds: [], seeds)  # not a GameFactory: no references
+    assert math.isnan(unknown["pass_oracle"]) and math.isnan(unknown["pass_random"])
 
 
 @pytest.mark.parametrize("name", ["per_turn", "single_sequence"])
@@ -47,6 +69,11 @@ def test_same_seeds_with_and_without_the_experience(tiny_qwen3, monkeypatch, nam
     assert row["seed"] == 3 and row["passed_ctx"] and not row["passed_no_ctx"]
     assert row["transcript_ctx"][0] == {"role": fmt.context_role, "content": "Experience: PLAN"}
     assert row["transcript_no_ctx"][0]["role"] == "user" and row["reason_no_ctx"].startswith("Invalid Move")
+    assert row["actions_no_ctx"] == [NO_ACTION, NO_ACTION] and len(row["actions_ctx"]) == row["turns_ctx"]
+    assert all(a in ("[up]", "[down]", "[left]", "[right]") for a in row["actions_ctx"])
+    # the ceiling on these seeds (4x4 boards, 8 moves: every one winnable) and the random player's exact odds
+    assert m["pass_oracle"] == 1.0 and m["pass_random"] == pytest.approx(
+        sum(oracle.analyse("FrozenLake-v0-raw", {}, s, 8).random_pass for s in (3, 5, 7)) / 3)
 
 
 def test_context_mechanics_by_hand(tiny_qwen3, monkeypatch):

@@ -137,6 +137,12 @@ def test_extract_command_rejects_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["extract", "--model", "x", "--out", str(tmp_path), "--updates", "1"])
     assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # the game's settings are checked like data.env_kwargs
+        main(["extract", "--model", "x", "--out", "y", "--env-kwargs", '{"size": "big"}'])
+    assert info.value.code == 2 and "--env-kwargs.size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["extract", "--model", "x", "--out", "y", "--env-kwargs", "{size: 3"])
+    assert info.value.code == 2 and "is not JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["extract", "--model", "x", "--out", "y", "--env-id", "Sokoban-v0"])
     assert info.value.code == 2 and "-raw" in capsys.readouterr().err
