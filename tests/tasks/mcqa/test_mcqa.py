@@ -96,3 +96,24 @@ def test_datamodule_holds_out_val_rows(tiny_dirs):
     assert dm.verifier_name == "choice" and dm.verifier("C", "C")
     with pytest.raises(DataError, match="val_size"):
         MCQADataModule(train_file=str(SAMPLE), val_file=str(SAMPLE), val_size=2)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"question": "q", "opa": "a", "opb": None, "opc": "c", "opd": "d", "cop": 2}, "opb"),  # C would now be "d"
+    ({"question": "q", "opa": "a", "opb": "  ", "opc": "c", "cop": 0}, "opb"),
+    ({"question": "q", "opa": "a", "opc": "c", "opd": "d", "cop": 0}, "opb"),  # a missing key shifts as well
+    ({"question": "q", "opa": "a", "opb": "b", "cop": True}, "cop"),  # int(True) == 1: B, silently
+    ({"question": "q", "opa": "a", "opb": "b", "opc": "c", "cop": 1.9}, "cop"),  # int(1.9) == 1: B, silently
+])
+def test_rows_that_would_shift_the_gold_letter_are_errors(row, field):
+    """(issue #26.5) A null or missing option before a given one, or a cop that is not an integer, used to produce a
+    record whose gold letter names another option; the converter and both data modules read rows through here."""
+    with pytest.raises(DataError, match=rf"line 3, field '{field}'"):
+        row_to_record(row, "SYS", path="raw.jsonl", line=3)
+
+
+def test_trailing_null_options_and_integral_cops_are_fine():
+    row = {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": None, "ope": None, "cop": 2.0}
+    rec = row_to_record(row, "SYS")
+    assert rec["answer"] == "C" and "D)" not in rec["prompt"]
+    assert row_to_record(dict(row, cop="1"), "SYS")["answer"] == "B"
