@@ -36,11 +36,18 @@ from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 from lightning_ctx.rollout_episodes import EpisodeBatch
 
+ROLLOUT = "rollout"  # what a non-finite step names when the student's sampling distribution itself was non-finite
+
 
 def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str],
                       names: Sequence[str]) -> str:
     values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names if k in terms)
-    what = f"term '{bad}' = {terms[bad].item()} ({values})" if bad else f"on another rank (this rank's: {values})"
+    if bad == ROLLOUT:
+        what = "the student's next-token probabilities while sampling the rollout (the weights have diverged)"
+    elif bad:
+        what = f"term '{bad}' = {terms[bad].item()} ({values})"
+    else:
+        what = f"on another rank (this rank's: {values or 'its rollout failed'})"
     return (f"non-finite loss at step {step}: {what}"
             + (f"; state before this step saved to {saved}" if saved else "")
             + "; set model.on_nonfinite=skip to skip such steps instead")
@@ -317,11 +324,16 @@ class OnPolicyDistillation(pl.LightningModule):
         return terms, rollouts[self.objective.rollouts[0]]
 
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
-        terms, rollout = self.model_step(batch, local=True)
         trainer = self.trainer if self._trainer is not None else None
+        try:
+            terms, rollout = self.model_step(batch, local=True)
+            bad = first_nonfinite(terms, self.step_tokens.names[:-2])
+        except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities: the same as a non-finite loss
+            if "probability tensor contains" not in str(err):
+                raise
+            terms, rollout, bad = {}, None, ROLLOUT
         # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
         # the gradient all-reduce.
-        bad = first_nonfinite(terms, self.step_tokens.names[:-2])
         if any_rank(trainer, bad is not None):
             return self._nonfinite_step(trainer, bad, terms)
         self.log_terms("train", terms, rollout, batch_size=len(batch))

@@ -168,6 +168,44 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
     assert run.data.metrics["train/skipped_steps"] >= 1
 
 
+@pytest.fixture
+def diverge_at(monkeypatch):
+    """Make the student's weights NaN from the given global step on, before it samples (as lr 100 would)."""
+    def install(at_step):
+        real = OnPolicyDistillation.sample_rollouts
+
+        def diverged(self, batch):
+            if self.global_step >= at_step:
+                with torch.no_grad():
+                    next(self.student.parameters()).fill_(float("nan"))
+            return real(self, batch)
+        monkeypatch.setattr(OnPolicyDistillation, "sample_rollouts", diverged)
+    return install
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_sampling_probabilities_are_a_nonfinite_step(tiny_dirs, jsonl_file, mlflow_uri, capsys, diverge_at,
+                                                                mode):
+    """(#26.9) NaN next-token probabilities in the rollout used to crash in torch.multinomial with a traceback and
+    no checkpoint; they are handled like a non-finite loss: a checkpoint and one line, or a skipped step."""
+    diverge_at(2)
+    path = jsonl_file(make_records(8))
+    args = ("--trainer.max_steps", "4", "--model.on_nonfinite", mode)
+    if mode == "raise":
+        with pytest.raises(SystemExit) as info:
+            _fit(tiny_dirs["qwen2"], path, *args)
+        err = capsys.readouterr().err
+        assert info.value.code == 3 and "Traceback" not in err
+        assert "non-finite loss at step 2: the student's next-token probabilities while sampling" in err
+        assert Path("checkpoints/nonfinite-step000002.ckpt").exists()
+    else:
+        _fit(tiny_dirs["qwen2"], path, *args)
+        client = MlflowClient(mlflow_uri)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.data.metrics["train/skipped_steps"] == 2  # steps 2 and 3 both sampled from NaN weights
+
+
 # ------------------------------------------------------------------ knobs: checked before any model loads
 
 
