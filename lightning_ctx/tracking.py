@@ -70,7 +70,7 @@ class MLflowLogger(MLFlowLogger):
 
     Under DDP/FSDP the MLflow experiment and run exist on global rank 0 only (other ranks get Lightning's
     dummy experiment): every method overridden here that talks to MLflow is rank-zero-only, like the ones it
-    overrides (docs/design.md, "Pitfalls").
+    overrides (docs/design.md, "Pitfalls we design around").
 
     Args mirror ``MLFlowLogger``; ``tracking_uri=None`` means :func:`default_tracking_uri`.
     """

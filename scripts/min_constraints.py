@@ -1,6 +1,6 @@
 """Print pip constraints that pin every declared lower bound: ``name>=X`` in pyproject.toml -> ``name==X``.
 
-    python scripts/min_constraints.py [--extras dev] [--skip torch] > requirements/min.txt
+    python scripts/min_constraints.py [--extras dev] [--skip torch] > min-constraints.txt
 
 Reads ``[project].dependencies`` and the chosen ``[project.optional-dependencies]`` groups, so the
 lower-bounds job (``make test-min``) installs exactly the minimums pyproject.toml declares and cannot drift

@@ -69,3 +69,46 @@ def test_nothing_cites_a_design_file_outside_the_repo():
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
     assert (REPO / "docs" / "design.md").exists()
+
+
+# Repository paths as docs and docstrings name them: a top-level folder we ship, then a path to a file or folder.
+REPO_PATH = re.compile(r"(?<![\w/.~-])((?:lightning_ctx|experiments|notebooks|scripts|docs|benchmarks|tests"
+                       r"|requirements)/[\w./<>*{}-]*[\w/>*}])")
+DESIGN_SECTION = re.compile(r'docs/design\.md,?\s+"([^"]+)"')
+
+
+def _doc_sources() -> list[Path]:
+    return [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("lightning_ctx/**/*.py"),
+            *REPO.glob("lightning_ctx/**/*.yaml"), *REPO.glob("experiments/**/*.yaml"), *REPO.glob("benchmarks/*.py"),
+            *REPO.glob("scripts/*.py")]
+
+
+def named_paths(text: str) -> set[str]:
+    """Repository paths named in ``text`` (placeholders such as ``<task>`` or globs are skipped)."""
+    return {p.rstrip("/.") for p in REPO_PATH.findall(text) if not re.search(r"[<>*{}]|\.\.\.", p)}
+
+
+def test_named_paths_are_found_and_placeholders_skipped():  # the check below must be able to fail
+    text = ("see lightning_ctx/loss.py, `docs/design.md`, experiments/paper/base/, lightning_ctx/tasks/<task>/ and "
+            "experiments/paper/game_*.yaml.")
+    assert named_paths(text) == {"lightning_ctx/loss.py", "docs/design.md", "experiments/paper/base"}
+
+
+def test_every_repo_path_named_in_docs_and_docstrings_exists():
+    missing = {}
+    for source in _doc_sources():
+        for path in named_paths(source.read_text(encoding="utf-8")):
+            # a path may be written relative to the repository or to the package (lightning_ctx/configs/...)
+            if not (REPO / path).exists() and not (REPO / "lightning_ctx" / path).exists():
+                missing.setdefault(str(source.relative_to(REPO)), []).append(path)
+    assert not missing, f"paths that do not exist: {missing}"
+
+
+def test_every_cited_design_section_is_a_heading():
+    headings = set(re.findall(r"^#+\s+(.+?)\s*$", (REPO / "docs" / "design.md").read_text(), flags=re.M))
+    cited = {}
+    for source in _doc_sources():
+        for section in DESIGN_SECTION.findall(source.read_text(encoding="utf-8")):
+            if section not in headings:
+                cited.setdefault(section, []).append(str(source.relative_to(REPO)))
+    assert not cited, f"cited design-doc sections that are not headings of docs/design.md: {cited}"

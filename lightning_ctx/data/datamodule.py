@@ -116,7 +116,7 @@ class PairCollator:
         self.seed = seed
 
     def __call__(self, items: list) -> ContextPairBatch:
-        # Items are (draw, record) from RecordDataset, or bare records (direct use in notebooks/tests).
+        # Items are (draw, record) from RecordDataset, or bare records (direct use in notebooks and tests).
         draws = [it[0] if isinstance(it, tuple) else i for i, it in enumerate(items)]
         records = [it[1] if isinstance(it, tuple) else it for it in items]
         plain = [self.renderer.ids(r.prompt) for r in records]
