@@ -101,9 +101,15 @@ def class_checks(cls: type) -> tuple[Check, ...]:
 
 
 def bound_args(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
-    """``given`` completed with ``cls.__init__``'s defaults, so conditional checks see every argument."""
-    args = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    """``given`` completed with the defaults of ``cls.__init__`` and of its bases' (a subclass that passes
+    ``**kwargs`` on), so conditional checks see every argument."""
+    args: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        args.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                     if p.default is not inspect.Parameter.empty})
     args.update(given)
     return args
 
