@@ -440,3 +440,24 @@ def test_compare_prints_both_counts_and_paired_intervals_from_the_tables(store, 
     plain = capsys.readouterr().out
     assert "harm reduced in 3 of 3 configurations" in plain and "interval excluding 0" not in plain
     assert "note: no run has a per-example table" in plain
+
+
+def test_run_table_of_the_sampled_namespace():
+    """``--metric-prefix eval/sampled/`` compares the sampled metrics of the same tables under their plain names."""
+    import numpy as np
+
+    from lightning_ctx.compare import RunTable
+    from lightning_ctx.eval.item_metrics import sampled_items, values
+    from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
+
+    g = np.random.default_rng(2)
+    c0, c1 = g.random((30, 4)) < 0.6, g.random((30, 4)) < 0.5
+    rows = [{"index": i, "id": f"r{i}", "correct_no_ctx": True, "correct_ctx": True, "len_no_ctx": 2, "len_ctx": 2,
+             "truncated_no_ctx": False, "truncated_ctx": False, "sampled_correct_no_ctx": c0[i].tolist(),
+             "sampled_correct_ctx": c1[i].tolist(), "sampled_len_no_ctx": [2] * 4, "sampled_len_ctx": [3] * 4,
+             "sampled_truncated_no_ctx": [False] * 4, "sampled_truncated_ctx": [False] * 4} for i in range(30)]
+    table = RunTable.of(REMOVABILITY, ItemRows(rows), "sampled/")
+    got = {k: m.value() for k, m in table.metrics["examples"].items()}
+    expected = values(sampled_items(c0, c1))
+    assert {k: got[k] for k in expected} == pytest.approx(expected) and got["len_inflation"] == pytest.approx(0.5)
+    assert table.ids["examples"] == [f"r{i}" for i in range(30)] and "harm_excess" in got
