@@ -4,7 +4,9 @@ For every target context x seed it runs ``lightning-ctx fit`` once per method --
 (``builtin:world.yaml``) stacked with each method file (``builtin:methods/{opd,anchored,anchored_retain}.yaml``)
 -- all logged to one MLflow experiment, then ``lightning-ctx compare`` twice: averaged over seeds per target
 (the paper table) and per (target, seed) (the "harm reduced in N of 12 configurations" and "retention >= 0.9
-in N of 12" counts: 4 targets x 3 seeds).
+in N of 12" counts: 4 targets x 3 seeds). Both print every value with its 95% interval over items and every
+difference to OPD with its paired interval (from each run's final per-example table), and each count twice: by the
+point estimates and by the intervals.
 
     python benchmarks/grid.py --dry-run                      # print the commands
     python benchmarks/grid.py --jobs 2                       # run the grid, then compare

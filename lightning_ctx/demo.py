@@ -47,11 +47,18 @@ def final_metrics(run_id: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
-def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[tuple[int, float]]]:
+def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[tuple]]:
+    """``{metric: [(step, value, lo, hi), ...]}`` (``(step, value)`` for a run logged without intervals)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    return {m: [(h.step, h.value) for h in client.get_metric_history(run_id, f"eval/{m}")] for m in metrics}
+    out = {}
+    for m in metrics:
+        hist = {name: {h.step: h.value for h in client.get_metric_history(run_id, f"eval/{name}")}
+                for name in (m, f"{m}_lo", f"{m}_hi")}
+        lo, hi = hist[f"{m}_lo"], hist[f"{m}_hi"]
+        out[m] = [(s, v, lo[s], hi[s]) if s in lo and s in hi else (s, v) for s, v in sorted(hist[m].items())]
+    return out
 
 
 def plot_tradeoff(run_ids: dict[str, str], target: str, seed: int, out_dir: Path) -> Path:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from lightning_ctx.errors import ConfigError
 from lightning_ctx.textfiles import file_problem
@@ -92,18 +94,47 @@ def check_args(checks: Iterable[Check], args: Mapping[str, Any], prefix: str = "
             raise ConfigError(f"{problem}{hint}, got {value!r}", field=f"{prefix}{check.name}")
 
 
+def literal_choices(annotation: Any) -> Optional[tuple]:
+    """The values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation; None for any other type."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", typing.Union)):
+        parts = [literal_choices(a) for a in typing.get_args(annotation) if a is not type(None)]
+        if parts and all(p is not None for p in parts):
+            return tuple(v for p in parts for v in p)
+    return None
+
+
 def class_checks(cls: type) -> tuple[Check, ...]:
-    """``KNOB_CHECKS`` of ``cls`` and its bases (a subclass adds to, never loses, its base's checks)."""
+    """A ``one_of`` check per ``Literal``-typed ``__init__`` argument of ``cls`` and its bases (the choices are
+    declared once, by the type), then their ``KNOB_CHECKS`` (a subclass adds to, never loses, its base's checks)."""
     out: list[Check] = []
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is not None and klass is not object:
+            try:
+                hints = typing.get_type_hints(init)
+            except (NameError, TypeError):  # an annotation that does not resolve: no derived checks for it
+                hints = {}
+            for name, annotation in hints.items():
+                choices = literal_choices(annotation)
+                if choices is not None:
+                    out.append(one_of(name, choices))
     for klass in reversed(cls.__mro__):
         out.extend(vars(klass).get("KNOB_CHECKS", ()))
     return tuple(out)
 
 
 def bound_args(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
-    """``given`` completed with ``cls.__init__``'s defaults, so conditional checks see every argument."""
-    args = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    """``given`` completed with the defaults of ``cls.__init__`` and of its bases' (a subclass that passes
+    ``**kwargs`` on), so conditional checks see every argument."""
+    args: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        args.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                     if p.default is not inspect.Parameter.empty})
     args.update(given)
     return args
 

@@ -32,6 +32,7 @@ from lightning_ctx.loss import DistillationLoss, LossTerm
 from lightning_ctx.models.loading import DTYPES, ModelError, load_model_config
 from lightning_ctx.models.scoring import response_logits
 from lightning_ctx.models.teachers import build_student_and_teacher, check_model_choices
+from lightning_ctx.objectives import ConsistencyDirection, DivergenceKind, Scope
 from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 from lightning_ctx.rollout_episodes import EpisodeBatch
@@ -129,19 +130,15 @@ class OnPolicyDistillation(pl.LightningModule):
         Check("opd_weight", lambda v: v > 0, "> 0: it is the only loss term",
               when=lambda a: not a["anchor_weight"] and not a["retain_weight"] and not a.get("extra_terms"),
               hint="or add a term (model.extra_terms)"),
-        within("jsd_beta", 0, 1),
-        one_of("divergence", ("reverse_kl", "forward_kl", "jsd", "sampled")), one_of("scope", ("full", "topk")),
+        within("jsd_beta", 0, 1),  # the Literal-typed choices (divergence, scope, ...) are checked from their types
         at_least("topk", 1), at_least("chunk_size", 1), at_least("auto_chunk_mib", 1),
         Check("topk_renormalize", lambda v: not v, "has no effect unless model.scope is topk",
               when=lambda a: a["scope"] != "topk", hint="set model.scope: topk or model.topk_renormalize: false"),
-        one_of("anchor_direction", ("forward", "reverse", "symmetric")),
         at_least("max_new_tokens", 1),
         above("temperature", 0, when=lambda a: not a["greedy_rollout"], hint="or set model.greedy_rollout: true"),
         within("top_p", 0, 1, low_open=True), at_least("top_k", 0), one_of("rollout_engine", sorted(ENGINES)),
-        one_of("optimizer", ("adamw", "adamw8bit")), above("lr", 0), at_least("weight_decay", 0),
-        at_least("warmup_steps", 0), one_of("lr_schedule", ("constant", "cosine")), within("min_lr_ratio", 0, 1),
+        above("lr", 0), at_least("weight_decay", 0), at_least("warmup_steps", 0), within("min_lr_ratio", 0, 1),
         one_of("dtype", sorted(DTYPES)), one_of("teacher_dtype", sorted(DTYPES)),
-        one_of("teacher_quantization", ("4bit", "8bit")), one_of("on_nonfinite", ("raise", "skip")),
     )
 
     def __init__(
@@ -152,16 +149,16 @@ class OnPolicyDistillation(pl.LightningModule):
         anchor_weight: float = 0.0,
         retain_weight: float = 0.0,
         extra_terms: Optional[list[LossTerm]] = None,
-        divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled"] = "reverse_kl",
+        divergence: Literal[DivergenceKind, "sampled"] = "reverse_kl",
         jsd_beta: float = 0.5,
-        scope: Literal["full", "topk"] = "full",
+        scope: Scope = "full",
         topk: int = 256,
         topk_union_teacher: bool = False,
         topk_renormalize: bool = False,
         chunk_size: Optional[int] = None,
         auto_chunk: bool = True,
         auto_chunk_mib: int = 256,
-        anchor_direction: Literal["forward", "reverse", "symmetric"] = "forward",
+        anchor_direction: ConsistencyDirection = "forward",
         detach_anchor: bool = True,
         max_new_tokens: int = 32,
         temperature: float = 1.0,

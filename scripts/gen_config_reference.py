@@ -145,11 +145,24 @@ def signature_defaults(cls) -> dict:
     shows the *default* class's values for shared arguments (jsonargparse issue #460), not the class's own.
     """
     out = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
-        if name in ("self", "args", "kwargs") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        out[name] = None if p.default is inspect.Parameter.empty else p.default
+    for klass in _passes_kwargs_to(cls):
+        for name, p in inspect.signature(klass.__init__).parameters.items():
+            if name in ("self", "args", "kwargs") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            out[name] = None if p.default is inspect.Parameter.empty else p.default
     return out
+
+
+def _passes_kwargs_to(cls) -> list:
+    """``cls`` and the bases its ``__init__`` passes ``**kwargs`` on to (jsonargparse reads their arguments too),
+    the most basic first."""
+    chain = [cls]
+    for klass in cls.__mro__[1:]:
+        params = inspect.signature(chain[-1].__init__).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params) or "__init__" not in vars(klass):
+            continue
+        chain.append(klass)
+    return chain[::-1]
 
 
 def class_docs(cls, base=None) -> dict[str, str]:
@@ -229,7 +242,8 @@ def render() -> str:
         "      init_args: {every_n_steps: 50, eval_at_start: true}",
         "```",
         "",
-        *_table("", signature_defaults(resolve(CALLBACK)), arg_docs(resolve(CALLBACK))),
+        *_table("", signature_defaults(resolve(CALLBACK)), class_docs(resolve(CALLBACK),
+                                                                      _passes_kwargs_to(resolve(CALLBACK))[0])),
         "",
         f"## `trainer.logger`: `{LOGGER}` (the default)",
         "",

@@ -329,3 +329,135 @@ def test_compare_best_k_reads_metric_histories(store, mlflow_uri, tmp_path, caps
     assert config["methods"]["OPD"]["metrics"]["acc_ctx"]["mean"] == pytest.approx(0.4)
     assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "bestk", "--best-by", "acc_ctx"]) == 1
     assert "--best-by needs --best-k" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- intervals from the runs' per-example tables
+
+N_ITEMS, N_RET = 60, 20
+# (target, anchor weight) -> (harmed item indices, retention items right of 20); every item is right without c
+TABLE_PLAN = {("SHOW", "0.0"): (range(24), 19), ("SHOW", "0.5"): (range(0), 10),
+              ("ADD2", "0.0"): (range(6), 20), ("ADD2", "0.5"): (range(5), 12)}
+
+
+def _table_rows(target, weight, seed):
+    harmed, ret_right = TABLE_PLAN[(target, weight)]
+    rows = [{"index": i, "id": f"{target}-{i}", "context": target, "prompt": str(i), "answer": "a",
+             "response_no_ctx": "a", "correct_no_ctx": True, "len_no_ctx": 3 + i % 2, "truncated_no_ctx": False,
+             "response_ctx": "b" if i in harmed else "a", "correct_ctx": i not in harmed,
+             "len_ctx": 2 if weight == "0.5" else 3 + (i + seed) % 3,  # anchored: shorter with c (negative)
+             "truncated_ctx": False} for i in range(N_ITEMS)]
+    ret = [{"index": i, "id": f"o{i}", "context": "REV", "prompt": str(i), "answer": "a", "response": "a",
+            "correct": i < ret_right, "reference_correct": True, "len": 2} for i in range(N_RET)]
+    return rows, ret
+
+
+def _log_table_run(client, exp, target, weight, seed, tmp_path, shuffle=False):
+    import random
+
+    from mlflow.entities import Metric
+
+    from lightning_ctx.eval.artifacts import write_examples
+    from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
+
+    rows, ret = _table_rows(target, weight, seed)
+    metrics = REMOVABILITY.measure(ItemRows(rows, ret), n_resamples=0)
+    rid = _log_run(client, exp, target, weight, seed, {k: metrics[k] for k in FINAL[("SHOW", "0.0", 0)]})
+    client.log_batch(rid, metrics=[Metric("eval/help", 0.0, 2, 150)])
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    for step, table in ((10, _table_rows(target, "0.0" if weight == "0.5" else "0.5", seed)), (150, (rows, ret))):
+        folder = tmp_path / f"{rid}-{step}"
+        folder.mkdir()
+        for path in write_examples(folder, title="t", stage="fit", step=step, split="val", metrics=metrics,
+                                   references={}, rows=table[0], retention_rows=table[1]):
+            client.log_artifact(rid, str(path), f"eval/step_{step:06d}")
+    return rid
+
+
+def test_compare_prints_both_counts_and_paired_intervals_from_the_tables(store, mlflow_uri, tmp_path, capsys):
+    """Synthetic runs with their final per-example tables (an earlier step's table must be ignored, rows in another
+    order are aligned by id): each value with its interval over items, each difference with its paired interval
+    (checked against paired_bootstrap on the same items), the counts by point and by interval, and a configuration
+    without tables counted by its point estimates only."""
+    from mlflow import MlflowClient
+
+    from lightning_ctx.eval.intervals import bootstrap, format_interval, paired_bootstrap
+    from lightning_ctx.eval.item_metrics import removability_items, retention_items, stack_runs
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("tables")
+    for (target, weight) in TABLE_PLAN:
+        for seed in (0, 1):
+            _log_table_run(client, exp, target, weight, seed, tmp_path, shuffle=(weight, seed) == ("0.0", 1))
+    for weight, harm in (("0.0", 0.3), ("0.5", 0.1)):  # REV: logged without tables
+        _log_run(client, exp, "REV", weight, 0, dict(acc_no_ctx=1.0, acc_ctx=1 - harm, harm=harm, len_inflation=0.0,
+                                                     retention=0.95))
+    out = tmp_path / "cmp"
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "tables", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "harm reduced in 3 of 3 configurations" in text  # point estimates: SHOW, ADD2 (5 vs 6 items), REV
+    # by the paired interval: SHOW only (ADD2's one item fewer is within the noise); REV has no tables
+    assert ("harm reduced in 1 of 2 configurations with the paired 95% interval excluding 0 (1 without per-example "
+            "tables: not counted)") in text
+    assert "OPD: retention >= 0.9 in 3 of 3 configurations" in text
+    assert "OPD: retention >= 0.9 in 1 of 2 configurations with the whole 95% interval" in text  # ADD2: 20 of 20
+    assert "anchored: retention >= 0.9 in 0 of 2 configurations with the whole 95% interval" in text
+
+    def items(target, weight, seed):
+        rows, ret = _table_rows(target, weight, seed)
+        col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+        return {**removability_items(*(col(rows, k) for k in ("correct_no_ctx", "correct_ctx", "len_no_ctx",
+                                                               "len_ctx"))),
+                "retention": retention_items(col(ret, "correct"), col(ret, "reference_correct"))["retention"]}
+
+    result = json.loads((out / "compare.json").read_text())
+    show = next(c for c in result["configs"] if c["key"]["target"] == "SHOW")
+    treated = stack_runs([items("SHOW", "0.5", s) for s in (0, 1)])
+    baseline = stack_runs([items("SHOW", "0.0", s) for s in (0, 1)])
+    expected = paired_bootstrap({k: treated[k] for k in ("harm",)}, {k: baseline[k] for k in ("harm",)})["harm"]
+    paired = show["paired"]["anchored"]["harm"]
+    assert (paired["diff"], paired["lo"], paired["hi"]) == pytest.approx((expected.diff, expected.lo, expected.hi))
+    assert paired["diff"] == pytest.approx(-0.4) and paired["hi"] < 0
+    # len_inflation compares magnitudes (closer to zero is better): anchored's -0.43 is worse than OPD's +0.14
+    lens = [{"len_inflation": x["len_inflation"]} for x in (treated, baseline)]
+    exp_len = paired_bootstrap(*lens, absolute=["len_inflation"])["len_inflation"]
+    got_len = show["paired"]["anchored"]["len_inflation"]
+    assert (got_len["diff"], got_len["lo"]) == pytest.approx((exp_len.diff, exp_len.lo)) and got_len["lo"] > 0
+    ret_iv = bootstrap({"retention": baseline["retention"]})["retention"]
+    opd = show["methods"]["OPD"]["metrics"]["retention"]
+    assert (opd["mean"], opd["lo"], opd["hi"], opd["n_items"]) == pytest.approx((0.95, ret_iv.lo, ret_iv.hi, 20))
+    assert opd["lo"] < 0.9
+    # the printed table: the value with its interval, the paired difference with its interval
+    assert f"| {format_interval(expected, signed=True)} " in text
+    assert f"0.950 ± 0.000 [{ret_iv.lo:.3f}, {ret_iv.hi:.3f}]" in text
+    assert "[lo, hi]: 95% bootstrap interval over items (8 of 10 runs" in text
+    rev = next(c for c in result["configs"] if c["key"]["target"] == "REV")
+    assert rev["paired"] == {} and "lo" not in rev["methods"]["OPD"]["metrics"]["harm"]
+
+    # the same runs without tables (--n-resamples 0): point counts only, and the note says so
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "tables", "--n-resamples", "0",
+                         "--out-dir", str(tmp_path / "plain")]) == 0
+    plain = capsys.readouterr().out
+    assert "harm reduced in 3 of 3 configurations" in plain and "interval excluding 0" not in plain
+    assert "note: no run has a per-example table" in plain
+
+
+def test_run_table_of_the_sampled_namespace():
+    """``--metric-prefix eval/sampled/`` compares the sampled metrics of the same tables under their plain names."""
+    import numpy as np
+
+    from lightning_ctx.compare import RunTable
+    from lightning_ctx.eval.item_metrics import sampled_items, values
+    from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
+
+    g = np.random.default_rng(2)
+    c0, c1 = g.random((30, 4)) < 0.6, g.random((30, 4)) < 0.5
+    rows = [{"index": i, "id": f"r{i}", "correct_no_ctx": True, "correct_ctx": True, "len_no_ctx": 2, "len_ctx": 2,
+             "truncated_no_ctx": False, "truncated_ctx": False, "sampled_correct_no_ctx": c0[i].tolist(),
+             "sampled_correct_ctx": c1[i].tolist(), "sampled_len_no_ctx": [2] * 4, "sampled_len_ctx": [3] * 4,
+             "sampled_truncated_no_ctx": [False] * 4, "sampled_truncated_ctx": [False] * 4} for i in range(30)]
+    table = RunTable.of(REMOVABILITY, ItemRows(rows), "sampled/")
+    got = {k: m.value() for k, m in table.metrics["examples"].items()}
+    expected = values(sampled_items(c0, c1))
+    assert {k: got[k] for k in expected} == pytest.approx(expected) and got["len_inflation"] == pytest.approx(0.5)
+    assert table.ids["examples"] == [f"r{i}" for i in range(30)] and "harm_excess" in got

@@ -294,6 +294,15 @@ def test_knob_checks_accept_what_is_valid():
         check_class_args(OnPolicyDistillation, {"anchor_weight": True}, "model.")
     with pytest.raises(ConfigError, match="anchor_weight"):  # Python users get the same check
         OnPolicyDistillation(student="builtin:world", anchor_weight=-1)
+    # choices come from the Literal types (declared once): Optional[Literal] too, None passing
+    with pytest.raises(ConfigError, match="model.divergence.*must be one of reverse_kl, forward_kl, jsd, sampled"):
+        check_class_args(OnPolicyDistillation, {"divergence": "kl"}, "model.")
+    with pytest.raises(ConfigError, match="model.teacher_quantization.*must be one of 4bit, 8bit, got '2bit'"):
+        check_class_args(OnPolicyDistillation, {"teacher_quantization": "2bit"}, "model.")
+    check_class_args(OnPolicyDistillation, {"teacher_quantization": None, "scope": "topk"}, "model.")
+    # a subclass passing **kwargs on keeps its base's checks, with the base's defaults for conditional ones
+    with pytest.raises(ConfigError, match="trainer.callbacks.every_n_steps"):
+        ContextRemovabilityCallback(every_n_steps=-1)
 
 
 def test_retain_weight_without_retain_contexts_is_a_config_error(tiny_dirs, jsonl_file, mlflow_uri, capsys):
