@@ -59,6 +59,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from lightning_ctx.errors import ModelError
 from lightning_ctx.models.scoring import eval_mode
 
 
@@ -306,8 +307,6 @@ def cache_argument(model) -> str:
                 return name
         unwrap = getattr(current, "get_base_model", None)
         current = unwrap() if callable(unwrap) else getattr(current, "_orig_mod", getattr(current, "module", None))
-    from lightning_ctx.errors import ModelError
-
     raise ModelError(f"rollout_engine 'loop': the forward of {type(model).__name__} takes none of "
                      f"{list(CACHE_ARGUMENTS)} (a KV cache); use rollout_engine 'hf'")
 
