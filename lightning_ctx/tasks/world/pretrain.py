@@ -26,7 +26,13 @@ import torch
 from lightning_ctx.tasks.world import rules as W
 from lightning_ctx.tasks.world.evaluate import evaluate_world_model, no_context_report
 from lightning_ctx.tasks.world.model import build_world_model, count_parameters
-from lightning_ctx.tasks.world.tokenizer import answer_ids, build_world_tokenizer, render_messages, render_prompt_ids
+from lightning_ctx.tasks.world.tokenizer import (
+    answer_ids,
+    build_world_tokenizer,
+    render_messages,
+    render_prompt_ids,
+    save_world_tokenizer,
+)
 
 
 class WorldBatches(torch.utils.data.IterableDataset):
@@ -228,7 +234,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
     ev = evaluate_world_model(model, tokenizer, W.ALL_CONTEXTS, eval_n_per_context, seed=seed)
     nc = no_context_report(model, tokenizer, seed=seed)
     model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    save_world_tokenizer(tokenizer, output_dir)  # portable across transformers 4.56 / 5.x
     total_seconds = time.perf_counter() - t0
 
     import lightning
