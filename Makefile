@@ -81,8 +81,8 @@ test-min: $(VENV_MIN)/.installed
 	rm -rf $(MIN_RUN_DIR) && mkdir -p $(MIN_RUN_DIR)
 	cd $(MIN_RUN_DIR) && MLFLOW_TRACKING_URI=sqlite:///$(abspath $(MIN_RUN_DIR))/mlflow.db \
 	  $(abspath $(VENV_MIN))/bin/lightning-ctx fit --config $(CURDIR)/experiments/world_opd.yaml \
-	  --trainer.max_steps 2 --data.init_args.batch_size 8 --data.init_args.n_val 20 \
-	  --data.init_args.retention_contexts 2 --data.init_args.retention_items 5 \
+	  --trainer.max_steps 2 --data.batch_size 8 --data.task.n_val 20 \
+	  --data.task.eval_other_contexts 2 --data.task.eval_other_items 5 \
 	  --trainer.enable_progress_bar false --trainer.enable_model_summary false
 	cd $(MIN_RUN_DIR) && $(abspath $(VENV_MIN))/bin/lightning-ctx compare --experiment world \
 	  --tracking-uri sqlite:///$(abspath $(MIN_RUN_DIR))/mlflow.db --out-dir compare

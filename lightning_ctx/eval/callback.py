@@ -39,7 +39,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.eval.artifacts import write_eval_artifacts
 from lightning_ctx.eval.decoding import as_record
@@ -70,7 +70,7 @@ class ContextRemovabilityCallback(Callback):
         hidden_layers: indices into HF's ``hidden_states`` (0 = embeddings, k = block k, negative
             from the end); None = every block ``1..L``.
         retention_file: JSONL of retention records (other contexts c' and their answers); without it
-            the data module's ``retention_records(split)`` is used when it has one. ``retention=False``
+            the data module's ``eval_other_records(split)`` (the task's) is used when it has one. ``retention=False``
             turns retention off.
         log_references: log ``ref/*`` (teacher and initial model) once.
         log_artifacts: write the per-example table and plots (rank 0).
@@ -175,14 +175,14 @@ class ContextRemovabilityCallback(Callback):
         return records[: self.max_items] if self.max_items is not None else records
 
     def retention_records(self, dm, split: str) -> Optional[list[TaskRecord]]:
-        """Items with *other* contexts: ``retention_file``, else ``dm.retention_records(split)``."""
+        """Items with *other* contexts: ``retention_file``, else ``dm.eval_other_records(split)``."""
         if not self.retention:
             return None
         if split not in self._retention_cache:
             if self.retention_file:
                 records = load_jsonl(self.retention_file)
             else:
-                records = [as_record(r) for r in dm.retention_records(split)] or None
+                records = [as_record(r) for r in dm.eval_other_records(split)] or None
             if records is not None and self.max_retention_items is not None:
                 records = records[: self.max_retention_items]
             self._retention_cache[split] = records or None
@@ -269,7 +269,7 @@ class ContextRemovabilityCallback(Callback):
         split = self.test_split if stage == "test" else self.split
         if not dm.records(split):
             raise DataError(f"ContextRemovabilityCallback evaluates the {split!r} split but it has no records "
-                            f"(set data.{split}_file, or the callback's split)", field=f"data.{split}_file")
+                            f"(give the task a {split} split, or set the callback's split)", field="data.task")
         self.retention_records(dm, split)
         self.resolve_layers(pl_module.student)
 
@@ -334,10 +334,10 @@ def check_unsharded(trainer) -> None:
                           "(--trainer.strategy ddp)", field="trainer.strategy")
 
 
-def _datamodule(trainer, pl_module) -> ContextPairDataModule:
+def _datamodule(trainer, pl_module) -> TaskDataModule:
     dm = getattr(trainer, "datamodule", None)
-    if not isinstance(dm, ContextPairDataModule):
-        raise DataError("ContextRemovabilityCallback needs a ContextPairDataModule (or a subclass) as `data`")
+    if not isinstance(dm, TaskDataModule):
+        raise DataError("ContextRemovabilityCallback needs the TaskDataModule as `data`")
     dm.connect(pl_module.tokenizer)
     return dm
 

@@ -27,7 +27,6 @@ from lightning_ctx.eval.callback import log_to_loggers, upload_artifacts
 from lightning_ctx.eval.evaluator import gather_objects, resolve_layers, seeded_rng
 from lightning_ctx.knobs import above, at_least, check_class_args, within
 from lightning_ctx.rollout import SamplingSettings, sample_responses
-from lightning_ctx.tasks.games.datamodule import GamesDataModule
 from lightning_ctx.tasks.games.evaluate import (
     GameSummary,
     Mechanics,
@@ -37,6 +36,7 @@ from lightning_ctx.tasks.games.evaluate import (
     pass_rate,
     reference_rates,
 )
+from lightning_ctx.tasks.games.task import GamesTask
 
 SUMMARY_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "turns_no_ctx", "invalid_rate_no_ctx", "pass_oracle",
                 "pass_random")
@@ -86,14 +86,15 @@ class GameEvalCallback(Callback):
         self._refs_done = False
 
     # -- what is played --------------------------------------------------------------------------
-    def _dm(self, trainer, pl_module) -> GamesDataModule:
+    def _dm(self, trainer, pl_module):
+        """The data module, connected; its task is a :class:`GamesTask` (episodes, factory, experience)."""
         dm = getattr(trainer, "datamodule", None)
-        if not isinstance(dm, GamesDataModule):
-            raise DataError("GameEvalCallback needs data.class_path: lightning_ctx.tasks.games.GamesDataModule")
+        if not isinstance(getattr(dm, "task", None), GamesTask):
+            raise DataError("GameEvalCallback needs data.task: lightning_ctx.tasks.games.GamesTask")
         dm.connect(pl_module.tokenizer)
         return dm
 
-    def seeds(self, dm: GamesDataModule, split: str) -> list[int]:
+    def seeds(self, dm, split: str) -> list[int]:
         seeds = [r.meta["seed"] for r in dm.records(split)]
         return seeds[: self.max_games] if self.max_games is not None else seeds
 
@@ -120,12 +121,12 @@ class GameEvalCallback(Callback):
         mine = seeds[rank::world]
         batch_size = self.batch_size or dm.eval_batch_size
         with seeded_rng(pl_module.device, self.seed + rank):
-            result = evaluate_games(self.sampler(pl_module, pl_module.student), dm.episodes, dm.factory, mine,
-                                    dm.experience, pl_module.pad_token_id, pl_module.device, batch_size)
+            result = evaluate_games(self.sampler(pl_module, pl_module.student), dm.task.episodes, dm.task.factory,
+                                    mine, dm.task.experience, pl_module.pad_token_id, pl_module.device, batch_size)
         mechanics = Mechanics()
         if self.mechanics:
             student = pl_module.student
-            mechanics = context_mechanics(student, dm.episodes, result.episodes_no_ctx, dm.experience,
+            mechanics = context_mechanics(student, dm.task.episodes, result.episodes_no_ctx, dm.task.experience,
                                           pl_module.pad_token_id, resolve_layers(student, self.hidden_layers),
                                           pl_module.vocab_size, batch_size)
         parts = gather_objects((result.transcripts, result.no_ctx, result.ctx, mechanics))
@@ -134,7 +135,7 @@ class GameEvalCallback(Callback):
         for p in parts[1:]:
             parts[0][3].merge(p[3])
         # with the oracle's ceiling and the random player's floor on the same seeds
-        metrics = {**game_metrics(no_ctx, ctx, reference_rates(dm.factory, seeds)), **parts[0][3].compute()}
+        metrics = {**game_metrics(no_ctx, ctx, reference_rates(dm.task.factory, seeds)), **parts[0][3].compute()}
         step = int(trainer.global_step)
         log_to_loggers(trainer.loggers, lambda k, m: rank_zero_warn(m), {f"{prefix}{k}": v for k, v in metrics.items()},
                        step)
@@ -168,8 +169,9 @@ class GameEvalCallback(Callback):
         dm = self._dm(trainer, pl_module)
         seeds = self.seeds(dm, self.split)[int(trainer.global_rank)::int(trainer.world_size)]
         with seeded_rng(pl_module.device, self.seed):
-            _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.episodes, dm.factory, seeds, dm.experience,
-                                    pl_module.pad_token_id, pl_module.device, self.batch_size or dm.eval_batch_size)
+            _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.task.episodes, dm.task.factory, seeds,
+                                    dm.task.experience, pl_module.pad_token_id, pl_module.device,
+                                    self.batch_size or dm.eval_batch_size)
         summary = _merge(gather_objects(GameSummary.of(episodes)))
         value = sum(summary.passed) / max(len(summary.passed), 1)
         log_to_loggers(trainer.loggers, lambda k, m: rank_zero_warn(m), {"ref/teacher_pass_ctx": value},
