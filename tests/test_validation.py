@@ -244,6 +244,17 @@ def test_knob_out_of_range_in_config_file_names_file_and_line(tiny_dirs, jsonl_f
                        f"{cb}, line 8, field 'trainer.callbacks.temperature'", "> 0")
 
 
+def test_a_config_of_the_old_data_shape_is_told_the_new_one(tmp_path, mlflow_uri, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  class_path: lightning_ctx.tasks.world.WorldDataModule\n  init_args:\n"
+                   "    target_context: SHOW\n")
+    line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(old)]), str(old))
+    assert "the task now goes under data.task" in line and "WorldTask" in line
+    line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", "builtin:world.yaml",
+                                                                "--data.init_args.target_context", "ADD2"]))
+    assert "the task now goes under data.task" in line
+
+
 def test_knob_checks_accept_what_is_valid():
     from lightning_ctx.eval import ContextRemovabilityCallback
     from lightning_ctx.knobs import ConfigError, check_class_args

@@ -72,14 +72,22 @@ def _leaf_line(path: str, leaf: str) -> Optional[int]:
     return None
 
 
+#: Said when a config still uses the data section's old shape (a DataModule subclass per task).
+OLD_DATA_SHAPE = ("the task now goes under data.task ({class_path: lightning_ctx.tasks.world.WorldTask, init_args: "
+                  "{...}}; the *DataModule classes are *Task classes) and the loader's knobs (batch_size, "
+                  "max_prompt_length, ...) directly under data; see docs/design.md, \"Data\"")
+
+
 def locate_config_error(message: str, argv: list[str]) -> str:
-    """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file."""
+    """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file (and say how
+    the data section changed when the key is of its old shape)."""
     message = " ".join(message.split())
+    hint = f" ({OLD_DATA_SHAPE})" if re.search(r"data\.(init_args|class_path)|DataModule", message) else ""
     for key in re.findall(r"""['"]([A-Za-z_][\w.]*)['"]""", message):
         where = locate_key(key, argv, leaf_fallback=True)
         if where is not None and where[1] is not None:
-            return f"{where[0]}, line {where[1]}, field '{key}': {message}"
-    return message
+            return f"{where[0]}, line {where[1]}, field '{key}': {message}{hint}"
+    return message + hint
 
 
 def check_knobs(cfg, argv: list[str]) -> None:
