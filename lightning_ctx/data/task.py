@@ -21,10 +21,11 @@ edited to add one (tests/test_task_plugin.py fits one from a temporary package).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from lightning_ctx.data.batches import PairCollator
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
+from lightning_ctx.data.render import PromptRenderer
 from lightning_ctx.data.verifiers import (
     GENERIC_VERIFIERS,
     Verifier,
@@ -35,13 +36,22 @@ from lightning_ctx.data.verifiers import (
 )
 from lightning_ctx.knobs import Check, check_class_args, existing_file
 
-if TYPE_CHECKING:
-    from lightning_ctx.data.datamodule import TaskDataModule
-
-__all__ = ["JSONLTask", "SPLITS", "TASK_PREFIX", "Task"]
+__all__ = ["DataView", "JSONLTask", "SPLITS", "TASK_PREFIX", "Task"]
 
 SPLITS = ("train", "val", "test")
 TASK_PREFIX = "data.task."  # how errors name a task's knobs
+
+
+class DataView(Protocol):
+    """What a task reads of the DataModule that holds it (``TaskDataModule``), once it is connected."""
+
+    tokenizer: Any
+    renderer: PromptRenderer
+    splits: dict[str, list[TaskRecord]]  # the loaded splits (val / test capped by max_eval_items)
+    max_prompt_length: int
+    max_eval_items: Optional[int]
+    retain_contexts: list[str]
+    seed: int
 
 
 class Task:
@@ -82,7 +92,7 @@ class Task:
         return list(dict.fromkeys(r.context for r in train))
 
     # -- checks, sizing and batches, once the DataModule has a tokenizer ---------------------------
-    def connect(self, data: TaskDataModule) -> None:
+    def connect(self, data: DataView) -> None:
         """Check every loaded split (``data.splits``) against ``data``'s tokenizer and limits; raise ``DataError``
         before training. By default: every gold answer is readable by the verifier and every record, rendered with
         its context, fits ``data.max_prompt_length``."""
@@ -99,13 +109,13 @@ class Task:
                                     f"{data.max_prompt_length} (no silent truncation: shorten the record or raise "
                                     "the limit)", path=source, line=lineno, field="context")
 
-    def longest_prompt(self, data: TaskDataModule) -> int:
+    def longest_prompt(self, data: DataView) -> int:
         """The longest prefix a response is sampled from, in tokens (the model's position check and the rollout
         warm-up): by default the longest with-context rendering over every split."""
         return max((len(data.renderer.ids(r.prompt, r.context)) for recs in data.splits.values() for r in recs),
                    default=0)
 
-    def collator(self, data: TaskDataModule, retain: bool) -> Callable[[list], Any]:
+    def collator(self, data: DataView, retain: bool) -> Callable[[list], Any]:
         """``[(draw, record)] -> batch`` (picklable, for DataLoader workers): a
         :class:`~lightning_ctx.data.batches.ContextPairBatch` by default, with the retention term's other contexts
         when ``retain`` (training)."""

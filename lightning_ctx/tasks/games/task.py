@@ -14,7 +14,7 @@ from typing import Any, Optional
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ctx.data.records import TaskRecord
-from lightning_ctx.data.task import TASK_PREFIX, Task
+from lightning_ctx.data.task import TASK_PREFIX, DataView, Task
 from lightning_ctx.errors import ConfigError, DataError
 from lightning_ctx.knobs import ArgsCheck, at_least, check_class_args, existing_file, one_of
 from lightning_ctx.rollout_episodes import (
@@ -223,7 +223,7 @@ class GamesTask(Task):
     def source(self, split: str) -> str:
         return f"{self.env_id}:{split}"
 
-    def connect(self, data) -> None:
+    def connect(self, data: DataView) -> None:
         """Playability on the evaluated games (once), the episode's chat pieces from ``data``'s tokenizer, and the
         first prompts' length against ``data.max_prompt_length``."""
         if self.playability is None:
@@ -266,7 +266,7 @@ class GamesTask(Task):
             self._feedback = longest + FEEDBACK_MARGIN
         return self._feedback
 
-    def longest_prompt(self, data) -> int:
+    def longest_prompt(self, data: DataView) -> int:
         """The longest prefix an episode's last turn is sampled from: the first prompt with the experience, plus
         ``max_turns - 1`` earlier turns (``turn_tokens`` each, or one action line in a per_turn history of actions)
         and their feedback (used for the model's position check and to size the rollout warm-up, hence a static KV
@@ -275,5 +275,5 @@ class GamesTask(Task):
         turn = ACTION_LINE_TOKENS if actions_only else self.turn_tokens
         return self.longest_first_prompt() + (self.max_turns - 1) * (turn + self.feedback_tokens())
 
-    def collator(self, data, retain: bool) -> EpisodeCollator:
+    def collator(self, data: DataView, retain: bool) -> EpisodeCollator:
         return EpisodeCollator(self.factory, self.episodes, self.experience, data.tokenizer.pad_token_id)
