@@ -144,9 +144,6 @@ class JSONLTask(Task):
                  verifier_kwargs: Optional[dict[str, Any]] = None):
         check_class_args(JSONLTask, locals(), TASK_PREFIX)
         self.files = {"train": train_file, "val": val_file, "test": test_file}
-        if not any(self.files.values()):
-            raise DataError("no data: set data.task.init_args.train_file (and optionally val_file / test_file)",
-                            field=f"{TASK_PREFIX}train_file")
         self.name = verifier
         self.verifier = build_verifier(verifier, **(verifier_kwargs or {}))
 
@@ -155,6 +152,9 @@ class JSONLTask(Task):
         return self.name
 
     def load(self, split: str) -> Optional[list[TaskRecord]]:
+        if not any(self.files.values()):  # checked when loading: a CLI built without data still has a trainer
+            raise DataError("no data: set data.task.init_args.train_file (and optionally val_file / test_file)",
+                            field=f"{TASK_PREFIX}train_file")
         path = self.files[split]
         return load_jsonl(path) if path else None
 

@@ -64,8 +64,8 @@ def test_a_task_without_splits_and_a_missing_task_are_refused():
         TaskDataModule(Empty(), tokenizer="builtin:world").validate()
     with pytest.raises(ConfigError, match="field 'data.task': must name a task"):
         TaskDataModule(None)
-    with pytest.raises(DataError, match="data.task.train_file"):
-        JSONLTask()
+    with pytest.raises(DataError, match="field 'data.task.train_file': no data"):
+        TaskDataModule(JSONLTask(), tokenizer="builtin:world").validate()
 
 
 def test_the_worlds_renamed_evaluation_knobs_still_work_with_a_warning():
