@@ -100,8 +100,8 @@ define venv_checks
 	rm -rf $(1)/fit && mkdir -p $(1)/fit
 	cd $(1)/fit && MLFLOW_TRACKING_URI=sqlite:///$(abspath $(1))/fit/mlflow.db \
 	  $(abspath $(1))/bin/lightning-ctx fit --config $(CURDIR)/experiments/world_opd.yaml \
-	  --trainer.max_steps 2 --data.init_args.batch_size 8 --data.init_args.n_val 20 \
-	  --data.init_args.retention_contexts 2 --data.init_args.retention_items 5 \
+	  --trainer.max_steps 2 --data.batch_size 8 --data.task.n_val 20 \
+	  --data.task.eval_other_contexts 2 --data.task.eval_other_items 5 \
 	  --trainer.enable_progress_bar false --trainer.enable_model_summary false
 	cd $(1)/fit && $(abspath $(1))/bin/lightning-ctx compare --experiment world \
 	  --tracking-uri sqlite:///$(abspath $(1))/fit/mlflow.db --out-dir compare

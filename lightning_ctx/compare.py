@@ -39,13 +39,14 @@ from lightning_ctx.tracking import VERSION_TAG_PREFIX
 
 #: Logical grouping keys -> where to read them, first present wins. ``tags.X`` = run tag, ``params.X`` = run
 #: param (the CLI logs the resolved config as ``cfg/<key>`` params and the module hparams unprefixed).
+#: (``cfg/data.init_args.*`` and ``cfg/data.class_path``: runs logged before the task moved to ``data.task``.)
 KEY_SOURCES: dict[str, tuple[str, ...]] = {
-    "task": ("tags.task", "params.cfg/data.init_args.task", "params.cfg/data.init_args.train_file",
-             "params.cfg/data.class_path"),
-    "target": ("tags.target_context", "tags.target", "params.cfg/data.init_args.target_context",
-               "params.target_context"),
+    "task": ("tags.task", "params.cfg/data.task.init_args.train_file", "params.cfg/data.task.class_path",
+             "params.cfg/data.init_args.task", "params.cfg/data.init_args.train_file", "params.cfg/data.class_path"),
+    "target": ("tags.target_context", "tags.target", "params.cfg/data.task.init_args.target_context",
+               "params.cfg/data.init_args.target_context", "params.target_context"),
     "model": ("tags.model", "params.cfg/model.student", "params.student"),
-    "seed": ("tags.seed", "params.cfg/seed_everything", "params.cfg/data.init_args.seed"),
+    "seed": ("tags.seed", "params.cfg/seed_everything", "params.cfg/data.seed", "params.cfg/data.init_args.seed"),
     "anchor_weight": ("tags.anchor_weight", "params.cfg/model.anchor_weight", "params.anchor_weight"),
     "retain_weight": ("tags.retain_weight", "params.cfg/model.retain_weight", "params.retain_weight"),
 }

@@ -1,7 +1,8 @@
 """``make demo``: distill the SHOW context into the built-in rule-world base, three ways, and compare.
 
-Arms: the world task base stacked with each method file shipped in the package (``builtin:world.yaml``
-+ ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as ``experiments/world_*.yaml``):
+Arms: the world's task, model and evaluation stacked with each method file shipped in the package
+(``builtin:world.yaml`` + ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as
+``experiments/world_*.yaml``):
 plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention term. Each run is a normal
 ``lightning-ctx fit`` (in this process, to pay the import cost once), tracked in ``./mlruns``; the table is
 read back from MLflow.
@@ -32,7 +33,7 @@ def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment
     from lightning_ctx.cli import ContextCLI
 
     cli = ContextCLI(args=["fit", "--config", TASK, "--config", ARMS[arm], "--seed_everything", str(seed),
-                           "--data.init_args.target_context", target, "--trainer.max_steps", str(steps),
+                           "--data.task.target_context", target, "--trainer.max_steps", str(steps),
                            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
                            "--trainer.logger.init_args.experiment_name", experiment,
                            "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}",

@@ -13,6 +13,7 @@ import inspect
 import math
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -75,11 +76,14 @@ def existing_file(name: str, **kw) -> Check:
     return Check(name, lambda v: file_problem(v) is None, "", **kw)
 
 
-def check_args(checks: Iterable[Check], args: Mapping[str, Any], prefix: str = "") -> None:
-    """Raise :class:`ConfigError` for the first argument in ``args`` that breaks its check."""
+def check_args(checks: Iterable[Check | ArgsCheck], args: Mapping[str, Any], prefix: str = "",
+               whole: bool = True) -> None:
+    """Raise :class:`ConfigError` for the first argument in ``args`` that breaks its check (``whole=False``: skip the
+    :class:`ArgsCheck` ones, for a class that runs them itself once everything they read is known)."""
     for check in checks:
         if isinstance(check, ArgsCheck):
-            check.run(args)
+            if whole:
+                check.run(args)
             continue
         if check.name not in args:
             continue
@@ -139,5 +143,17 @@ def bound_args(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
-def check_class_args(cls: type, given: Mapping[str, Any], prefix: str) -> None:
-    check_args(class_checks(cls), bound_args(cls, given), prefix)
+def check_class_args(cls: type, given: Mapping[str, Any], prefix: str, whole: bool = True) -> None:
+    check_args(class_checks(cls), bound_args(cls, given), prefix, whole)
+
+
+def renamed(old: str, new: str, old_value: Any, new_value: Any, default: Any, prefix: str = "") -> Any:
+    """A knob renamed ``old`` -> ``new``, whose old name still works for one release: the value to use (the old
+    name's, with a ``FutureWarning``, when only it is set); both set is a :class:`ConfigError`."""
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise ConfigError(f"is the old name of {prefix}{new}: set only {prefix}{new}", field=f"{prefix}{old}")
+    warnings.warn(f"{prefix}{old} is renamed {prefix}{new}; the old name goes in the next release", FutureWarning,
+                  stacklevel=3)
+    return old_value

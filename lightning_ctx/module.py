@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
-from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
+from lightning_ctx.data.batches import ContextPairBatch
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss, LossTerm
@@ -242,7 +243,7 @@ class OnPolicyDistillation(pl.LightningModule):
         retention term needs other contexts to retain (else it would silently be plain OPD)."""
         if self.hparams.retain_weight > 0 and not datamodule.retain_contexts:
             raise ConfigError(f"is {self.hparams.retain_weight}, but there are no other contexts to retain: set "
-                              "data.retain_contexts (data.retain_others: true on the world), or model.retain_weight: 0",
+                              "data.retain_contexts or data.retain_others: true, or model.retain_weight: 0",
                               field="model.retain_weight")
         limit = getattr(self.model_config, "max_position_embeddings", None)
         if limit is None:
@@ -255,7 +256,7 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if isinstance(dm, ContextPairDataModule):
+        if isinstance(dm, TaskDataModule):
             dm.connect(self.tokenizer)
             self.check_data(dm)
 
@@ -395,7 +396,7 @@ class OnPolicyDistillation(pl.LightningModule):
         """One dummy decode of the training shape (batch size, longest prompt) before the timed steps: compilation,
         CUDA graph capture and the static cache's sizing then stay out of them."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not isinstance(dm, ContextPairDataModule):
+        if not isinstance(dm, TaskDataModule):
             return None
         seconds = self.engine.warmup(self.student, dm.batch_size, dm.longest_prompt(), self.sampling,
                                      self.eos_token_ids, self.pad_token_id)

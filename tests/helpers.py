@@ -8,9 +8,11 @@ import re
 
 import torch
 
-from lightning_ctx.data.datamodule import ContextPairDataModule, PairCollator
+from lightning_ctx.data.batches import PairCollator
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import TaskRecord
 from lightning_ctx.data.render import PromptRenderer
+from lightning_ctx.data.task import JSONLTask
 from lightning_ctx.eval import EvalSettings, Evaluator
 from lightning_ctx.rollout import Rollout, response_mask_from_ids
 
@@ -53,7 +55,7 @@ MAX_NEW = 6
 
 
 def make_dm(module, jsonl_file, records, name="val.jsonl"):
-    dm = ContextPairDataModule(val_file=jsonl_file(records, name), verifier="exact")
+    dm = TaskDataModule(JSONLTask(val_file=jsonl_file(records, name), verifier="exact"))
     dm.connect(module.tokenizer)
     dm.validate()
     return dm

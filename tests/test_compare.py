@@ -27,8 +27,8 @@ def _log_run(client, exp_id, target, weight, seed, metrics, finish=True):
     from mlflow.entities import Metric, Param
 
     rid = client.create_run(exp_id, tags={"grid": "paper"}).info.run_id
-    params = {"cfg/data.class_path": "lightning_ctx.tasks.world.WorldDataModule",
-              "cfg/data.init_args.target_context": target, "cfg/data.init_args.train_file": "None",
+    params = {"cfg/data.task.class_path": "lightning_ctx.tasks.world.WorldTask",
+              "cfg/data.task.init_args.target_context": target,
               "cfg/model.student": "builtin:world", "cfg/model.anchor_weight": weight,
               "cfg/seed_everything": str(seed), "anchor_weight": weight}
     # an earlier evaluation (step 10) that must be ignored, then the final one (step 150)
@@ -92,7 +92,7 @@ def test_compare_table_means_and_harm_line(runs, mlflow_uri, tmp_path, capsys):
     assert result["n_runs"] == 8  # the RUNNING run and the other experiment are excluded
     by_target = {c["key"]["target"]: c for c in result["configs"]}
     assert set(by_target) == {"SHOW", "ADD2"}
-    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.tasks.world.WorldDataModule"
+    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.tasks.world.WorldTask"
     assert by_target["SHOW"]["key"]["model"] == "builtin:world"
     for target, c in by_target.items():
         for method, weight in (("OPD", "0.0"), ("anchored", "0.5")):
@@ -147,7 +147,7 @@ def test_key_helpers():
     assert key_sources("params.cfg/x|foo") == ("params.cfg/x", "params.foo", "tags.foo")
     assert method_labels(["0.0", "0.5", None]) == {"0.0": "OPD", "0.5": "anchored", None: "?"}
     assert method_labels(["0", "0.1", "1.0"]) == {"0": "OPD", "0.1": "anchored(0.1)", "1.0": "anchored(1)"}
-    assert short_label("lightning_ctx.tasks.world.WorldDataModule") == "WorldDataModule"
+    assert short_label("lightning_ctx.tasks.world.WorldTask") == "WorldTask"
     assert short_label("/data/gsm8k/train.jsonl") == "gsm8k/train.jsonl"
     assert short_label("0.5") == "0.5" and short_label(None) == "-"
 
@@ -173,7 +173,7 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
 
     grid = _load_grid()
     args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
-                            "--experiment", "E", "--", "--data.n_train", "64"])
+                            "--experiment", "E", "--", "--data.task.n_train", "64"])
     jobs = grid.fit_jobs(args)
     assert len(jobs) == 12 and len({j.name for j in jobs}) == 12
     job = next(j for j in jobs if j.name == "ADD1_REV-anchored_retain-s1")
@@ -181,15 +181,15 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
     opt = lambda name: argv[argv.index(name) + 1]  # noqa: E731
     assert argv[argv.index("fit") - 1].endswith(("lightning-ctx", "lightning_ctx.cli"))
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
-    assert configs[:2] == ["builtin:world.yaml", "builtin:methods/anchored_retain.yaml"]
-    assert configs[2].endswith("experiments/grid/eval.yaml")
-    assert (opt("--data.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
+    assert configs[:2] == ["builtin:tasks/world.yaml", "builtin:models/world_base.yaml"]  # the world without an eval
+    assert configs[2].endswith("experiments/eval/grid.yaml") and configs[3] == "builtin:methods/anchored_retain.yaml"
+    assert (opt("--data.task.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
     assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
-    assert argv[-2:] == ["--data.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
+    assert argv[-2:] == ["--data.task.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
     # the three methods for every (target, seed)
-    pairs = {(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
+    pairs = {(opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
     for j in jobs:
-        key = (opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))
+        key = (opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything"))
         pairs[key].add(json.loads(opt_of(j, "--trainer.logger.init_args.tags"))["method"])
     assert all(v == {"opd", "anchored", "anchored_retain"} for v in pairs.values()) and len(pairs) == 4
 

@@ -28,8 +28,28 @@ def test_every_model_knob_is_documented(generator):
     docs = README.read_text() + REFERENCE.read_text()
     missing = [k for k in printed["model"] if f"`model.{k}`" not in docs]
     assert not missing, f"undocumented model knobs {missing}: run python scripts/gen_config_reference.py"
-    missing = [k for k in printed["data"]["init_args"] if f"`data.{k}`" not in docs]
+    missing = [k for k in printed["data"] if k != "task" and f"`data.{k}`" not in docs]
     assert not missing, f"undocumented data knobs {missing}: run python scripts/gen_config_reference.py"
+
+
+def test_the_reference_covers_every_task_and_every_callback(generator):
+    """A task or an evaluation callback added to the package without a section in the reference fails here."""
+    from lightning.pytorch import Callback
+
+    from lightning_ctx.data.task import Task
+    from lightning_ctx.knobs import bound_args
+
+    listed = {generator.canonical(path) for path, _ in generator.TASKS}
+    bases = {generator.canonical(path) for path in generator.TASK_BASES}
+    assert generator.package_subclasses(Task) - bases == listed
+    listed = {generator.canonical(path) for path, *_ in generator.CALLBACKS}
+    cli = {generator.canonical(path) for path in generator.CLI_CALLBACKS}
+    assert {c for c in generator.package_subclasses(Callback)} - cli == listed
+    reference = REFERENCE.read_text()
+    for path, _ in generator.TASKS:  # every knob of every task, with a meaning
+        for knob in bound_args(generator.resolve(path), {}):
+            row = next((ln for ln in reference.splitlines() if ln.startswith(f"| `data.task.init_args.{knob}` ")), "")
+            assert row and not row.endswith("|  |"), (path, knob)
 
 
 def test_config_reference_is_current(generator):

@@ -274,14 +274,15 @@ def test_hf_static_passes_max_cache_len_only_where_generate_takes_it(monkeypatch
 def test_fit_start_warms_up_the_engine(tiny_dirs):
     """``on_fit_start`` decodes one dummy batch of (datamodule batch size, longest prompt); off on request."""
 
-    from lightning_ctx.data.datamodule import ContextPairDataModule
+    from lightning_ctx.data.datamodule import TaskDataModule
+    from lightning_ctx.data.task import Task
 
-    class DM(ContextPairDataModule):
+    class DM(TaskDataModule):
         def longest_prompt(self):
             return 11
 
     class FakeTrainer:
-        world_size, datamodule, loggers = 1, DM(batch_size=4), []
+        world_size, datamodule, loggers = 1, DM(Task(), batch_size=4), []
 
     for warm in (True, False):
         module = OnPolicyDistillation(student=tiny_dirs["qwen2"], rollout_engine="hf_static", max_new_tokens=5,

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.cli.compose import expand_configs
 from lightning_ctx.cli.locate import check_knobs, locate_config_error
-from lightning_ctx.data.datamodule import ContextPairDataModule
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
@@ -41,35 +41,6 @@ class ConciseArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
-def fix_subclass_defaults(cfg) -> None:
-    """Give a data module subclass its own defaults (jsonargparse issue #460).
-
-    When a config switches ``data.class_path`` away from ``ContextPairDataModule``, jsonargparse keeps
-    the base class's defaults for shared arguments (``WorldDataModule`` would get ``batch_size=8``).
-    An argument still equal to the base default is reset to the subclass default; the one thing this
-    cannot tell apart is a value set explicitly to exactly the base default.
-    """
-    import importlib
-    import inspect
-
-    data = cfg.get("data") if cfg is not None else None
-    class_path = getattr(data, "class_path", None) if data is not None else None
-    if not class_path or class_path.endswith(".ContextPairDataModule"):
-        return
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        return
-    base = inspect.signature(ContextPairDataModule.__init__).parameters
-    own = inspect.signature(cls.__init__).parameters
-    init_args = data.init_args
-    for key, param in own.items():
-        if key in base and key in init_args and param.default is not inspect.Parameter.empty:
-            if init_args[key] == base[key].default and param.default != base[key].default:
-                init_args[key] = param.default
-
-
 class ContextCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
         if args is None or isinstance(args, (list, tuple)):
@@ -82,8 +53,7 @@ class ContextCLI(LightningCLI):
         })
         super().__init__(
             OnPolicyDistillation,
-            ContextPairDataModule,
-            subclass_mode_data=True,
+            TaskDataModule,  # the one DataModule: configs name its task (data.task), not a DataModule class
             parser_class=ConciseArgumentParser,
             save_config_callback=MLflowConfigCallback,
             save_config_kwargs={"save_to_log_dir": False},
@@ -94,7 +64,7 @@ class ContextCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"data": {"class_path": "lightning_ctx.data.datamodule.ContextPairDataModule"}})
+        parser.set_defaults({"data.task": {"class_path": "lightning_ctx.data.task.JSONLTask"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_argument("--defaults", type=Optional[list[str]], default=None,
                             help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
@@ -102,7 +72,6 @@ class ContextCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        fix_subclass_defaults(cfg)
         check_knobs(cfg, _CURRENT_ARGV)
         if cfg is not None and "weights_only" in cfg and cfg.get("weights_only") is None:
             cfg.weights_only = True  # --ckpt_path loads tensors and primitives only, never arbitrary pickles

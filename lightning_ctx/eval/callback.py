@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
 from lightning_ctx.eval.artifacts import write_examples
 from lightning_ctx.eval.base_callback import Evaluation, EvaluationCallback
@@ -48,7 +48,7 @@ class ContextRemovabilityCallback(EvaluationCallback):
         hidden_layers: indices into HF's ``hidden_states`` (0 = embeddings, k = block k, negative
             from the end); None = every block ``1..L``.
         retention_file: JSONL of retention records (other contexts c' and their answers); without it
-            the data module's ``retention_records(split)`` is used when it has one. ``retention=False``
+            the data module's ``eval_other_records(split)`` (the task's) is used when it has one. ``retention=False``
             turns retention off.
 
     Other arguments as in :class:`~lightning_ctx.eval.base_callback.EvaluationCallback` (every_n_steps,
@@ -105,14 +105,14 @@ class ContextRemovabilityCallback(EvaluationCallback):
         return records[: self.max_items] if self.max_items is not None else records
 
     def retention_records(self, dm, split: str) -> Optional[list[TaskRecord]]:
-        """Items with *other* contexts: ``retention_file``, else ``dm.retention_records(split)``."""
+        """Items with *other* contexts: ``retention_file``, else ``dm.eval_other_records(split)``."""
         if not self.retention:
             return None
         if split not in self._retention_cache:
             if self.retention_file:
                 records = load_jsonl(self.retention_file)
             else:
-                records = [as_record(r) for r in dm.retention_records(split)] or None
+                records = [as_record(r) for r in dm.eval_other_records(split)] or None
             if records is not None and self.max_retention_items is not None:
                 records = records[: self.max_retention_items]
             self._retention_cache[split] = records or None
@@ -165,7 +165,7 @@ class ContextRemovabilityCallback(EvaluationCallback):
         dm = _datamodule(trainer, pl_module)
         if not dm.records(split):
             raise DataError(f"ContextRemovabilityCallback evaluates the {split!r} split but it has no records "
-                            f"(set data.{split}_file, or the callback's split)", field=f"data.{split}_file")
+                            f"(give the task a {split} split, or set the callback's split)", field="data.task")
         self.retention_records(dm, split)
         self.resolve_layers(pl_module.student)
 
@@ -179,9 +179,9 @@ class ContextRemovabilityCallback(EvaluationCallback):
                                 for s, kinds in state_dict.get("reference_items", {}).items()}
 
 
-def _datamodule(trainer, pl_module) -> ContextPairDataModule:
+def _datamodule(trainer, pl_module) -> TaskDataModule:
     dm = getattr(trainer, "datamodule", None)
-    if not isinstance(dm, ContextPairDataModule):
-        raise DataError("ContextRemovabilityCallback needs a ContextPairDataModule (or a subclass) as `data`")
+    if not isinstance(dm, TaskDataModule):
+        raise DataError("ContextRemovabilityCallback needs the TaskDataModule as `data`")
     dm.connect(pl_module.tokenizer)
     return dm

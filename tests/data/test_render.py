@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_ctx.data.datamodule import PairCollator
+from lightning_ctx.data.batches import PairCollator
 from lightning_ctx.data.records import DataError, TaskRecord
 from lightning_ctx.data.render import PromptRenderer, left_pad
 from lightning_ctx.models.loading import load_causal_lm, load_tokenizer

@@ -26,9 +26,9 @@ from lightning_ctx.eval.base_callback import Evaluation, EvaluationCallback
 from lightning_ctx.eval.evaluator import ContextMechanics, Sharding, resolve_layers
 from lightning_ctx.knobs import above, at_least, check_class_args, within
 from lightning_ctx.rollout import SamplingSettings, sample_responses
-from lightning_ctx.tasks.games.datamodule import GamesDataModule
 from lightning_ctx.tasks.games.evaluate import context_mechanics, pass_rate, play_both, reference_rates
 from lightning_ctx.tasks.games.metrics import GAMES, measure_games
+from lightning_ctx.tasks.games.task import GamesTask
 
 
 class GameEvalCallback(EvaluationCallback):
@@ -66,14 +66,15 @@ class GameEvalCallback(EvaluationCallback):
         self.mechanics, self.hidden_layers = mechanics, hidden_layers
 
     # -- what is played --------------------------------------------------------------------------
-    def _dm(self, trainer, pl_module) -> GamesDataModule:
+    def _dm(self, trainer, pl_module):
+        """The data module, connected; its task is a :class:`GamesTask` (episodes, factory, experience)."""
         dm = getattr(trainer, "datamodule", None)
-        if not isinstance(dm, GamesDataModule):
-            raise DataError("GameEvalCallback needs data.class_path: lightning_ctx.tasks.games.GamesDataModule")
+        if not isinstance(getattr(dm, "task", None), GamesTask):
+            raise DataError("GameEvalCallback needs data.task: lightning_ctx.tasks.games.GamesTask")
         dm.connect(pl_module.tokenizer)
         return dm
 
-    def seeds(self, dm: GamesDataModule, split: str) -> list[int]:
+    def seeds(self, dm, split: str) -> list[int]:
         seeds = [r.meta["seed"] for r in dm.records(split)]
         return seeds[: self.max_games] if self.max_games is not None else seeds
 
@@ -101,18 +102,19 @@ class GameEvalCallback(EvaluationCallback):
             return None
         sharding = Sharding(int(trainer.global_rank), int(trainer.world_size))
         batch_size = self.batch_size or dm.eval_batch_size
-        rows, plain = play_both(self.sampler(pl_module, pl_module.student), dm.episodes, dm.factory,
-                                [s for _, s in sharding.shard(seeds)], dm.experience, pl_module.pad_token_id,
+        rows, plain = play_both(self.sampler(pl_module, pl_module.student), dm.task.episodes, dm.task.factory,
+                                [s for _, s in sharding.shard(seeds)], dm.task.experience, pl_module.pad_token_id,
                                 pl_module.device, batch_size)
         mechanics = ContextMechanics()
         if self.mechanics:
             student = pl_module.student
-            mechanics = context_mechanics(student, dm.episodes, plain, dm.experience, pl_module.pad_token_id,
+            mechanics = context_mechanics(student, dm.task.episodes, plain, dm.task.experience, pl_module.pad_token_id,
                                           resolve_layers(student, self.hidden_layers), pl_module.vocab_size,
                                           batch_size)
         rows = sorted((r for part in self.gather(rows) for r in part), key=lambda r: r["seed"])
         # with the oracle's ceiling and the random player's floor on the same seeds
-        metrics = measure_games(rows, reference_rates(dm.factory, seeds), seed=self.seed, n_resamples=self.n_resamples)
+        metrics = measure_games(rows, reference_rates(dm.task.factory, seeds), seed=self.seed,
+                                n_resamples=self.n_resamples)
         metrics.update(ContextMechanics.gathered(mechanics, sharding).compute())
         return Evaluation(metrics, len(seeds), {"rows": rows})
 
@@ -130,7 +132,8 @@ class GameEvalCallback(EvaluationCallback):
             return {}
         dm = self._dm(trainer, pl_module)
         seeds = self.seeds(dm, split)[int(trainer.global_rank)::int(trainer.world_size)]
-        _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.episodes, dm.factory, seeds, dm.experience,
-                                pl_module.pad_token_id, pl_module.device, self.batch_size or dm.eval_batch_size)
+        _, episodes = pass_rate(self.sampler(pl_module, teacher), dm.task.episodes, dm.task.factory, seeds,
+                                dm.task.experience, pl_module.pad_token_id, pl_module.device,
+                                self.batch_size or dm.eval_batch_size)
         passed = [p for part in self.gather([bool(e.outcome.passed) for e in episodes]) for p in part]
         return {"teacher_pass_ctx": sum(passed) / max(len(passed), 1)}

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, Episode, EpisodeFormat, TurnSampler
-from lightning_ctx.tasks.games.datamodule import SPLIT_OFFSETS, env_kwargs_for
 from lightning_ctx.tasks.games.env import GameFactory, check_env_id, check_env_kwargs
 from lightning_ctx.tasks.games.evaluate import pass_rate
+from lightning_ctx.tasks.games.task import SPLIT_OFFSETS, env_kwargs_for
 
 MODES = ("accumulate", "revise")
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env-id", default="FrozenLake-v0-raw", help="a -raw TextArena game (FrozenLake, Sokoban)")
     p.add_argument("--env-kwargs", default=None,
                    help="the game's constructor arguments as JSON, e.g. '{\"size\": 3}' (default: OPCD's boards, "
-                        "as data.env_kwargs)")
+                        "as the games task's env_kwargs)")
     p.add_argument("--out", required=True, help="where to write the best experience text")
     p.add_argument("--experience", default=None, help="starting experience file (default: none)")
     p.add_argument("--mode", choices=MODES, default="accumulate",

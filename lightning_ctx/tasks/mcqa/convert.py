@@ -30,8 +30,8 @@ are kept as extra fields. Convert files with::
     python -m lightning_ctx.tasks.mcqa.convert raw.jsonl records.jsonl \
         --system-prompt-file experiments/data/medmcqa_system_prompt.txt
 
-or read raw files directly with :class:`MCQADataModule` (``data.class_path:
-lightning_ctx.tasks.mcqa.MCQADataModule``), which converts on the fly.
+or read raw files directly with :class:`~lightning_ctx.tasks.mcqa.MCQATask` (``data.task.class_path:
+lightning_ctx.tasks.mcqa.MCQATask``), which converts on the fly.
 """
 
 from __future__ import annotations

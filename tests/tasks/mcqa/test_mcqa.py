@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError, load_jsonl
-from lightning_ctx.data.verifiers import build_verifier
-from lightning_ctx.tasks.mcqa import MCQADataModule
+from lightning_ctx.data.verifiers import ChoiceVerifier, build_verifier
+from lightning_ctx.tasks.mcqa import MCQATask
 from lightning_ctx.tasks.mcqa.convert import (
     MEDICAL_SYSTEM_PROMPT,
     convert_rows,
@@ -85,17 +86,19 @@ def test_cli_converts_to_records(tmp_path):
 
 
 def test_datamodule_holds_out_val_rows(tiny_dirs):
-    dm = MCQADataModule(train_file=str(SAMPLE), val_size=8, system_prompt_file=str(SYSTEM_PROMPT_FILE),
+    dm = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8, system_prompt_file=str(SYSTEM_PROMPT_FILE)),
                         tokenizer=tiny_dirs["qwen2"])
     dm.validate()
     train, val = dm.records("train"), dm.records("val")
     assert len(train) == 16 and len(val) == 8 and not {r.id for r in train} & {r.id for r in val}
-    again = MCQADataModule(train_file=str(SAMPLE), val_size=8, tokenizer=tiny_dirs["qwen2"])
+    again = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8), tokenizer=tiny_dirs["qwen2"])
     again.validate()
     assert [r.id for r in again.records("val")] == [r.id for r in val]  # seeded
-    assert dm.verifier_name == "choice" and dm.verifier("C", "C")
-    with pytest.raises(DataError, match="val_size"):
-        MCQADataModule(train_file=str(SAMPLE), val_file=str(SAMPLE), val_size=2)
+    other = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8, val_seed=1), tokenizer=tiny_dirs["qwen2"])
+    assert [r.id for r in other.records("val")] != [r.id for r in val]  # by val_seed
+    assert isinstance(dm.verifier, ChoiceVerifier) and dm.verifier("C", "C")
+    with pytest.raises(DataError, match="data.task.val_size"):
+        MCQATask(train_file=str(SAMPLE), val_file=str(SAMPLE), val_size=2)
 
 
 @pytest.mark.parametrize("row, field", [

@@ -1,4 +1,4 @@
-"""``GamesDataModule``: seeded TextArena games per split, the experience as the context, episode batches.
+"""``GamesTask``: seeded TextArena games per split, the experience as the context, episode batches.
 
 A record is one game: ``id = "<env_id>:<seed>"``, ``context`` = the experience, ``meta["seed"]``. The training
 loader yields :class:`~lightning_ctx.rollout_episodes.EpisodeBatch` objects: ``OnPolicyDistillation`` plays them
@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import TaskRecord
+from lightning_ctx.data.task import TASK_PREFIX, DataView, Task
 from lightning_ctx.errors import ConfigError, DataError
 from lightning_ctx.knobs import ArgsCheck, at_least, check_class_args, existing_file, one_of
 from lightning_ctx.rollout_episodes import (
@@ -35,7 +35,7 @@ from lightning_ctx.textfiles import read_text
 #: goal bottom-right) has 19 distinct boards, the registry's 4x4 with 3 holes a few hundred.
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 #: OPCD's environment settings (microsoft/LMOps opcd/verl/verl/trainer/ppo/ray_trainer.py), used when
-#: ``data.env_kwargs`` is not set; ``env_kwargs: {}`` gives TextArena's registered ones (4x4 with 3 holes, 3 boxes:
+#: ``env_kwargs`` is not set; ``env_kwargs: {}`` gives TextArena's registered ones (4x4 with 3 holes, 3 boxes:
 #: no game can be won in 5 moves).
 PAPER_ENV_KWARGS = {"FrozenLake-v0-raw": {"size": 3, "num_holes": 2, "randomize_start_goal": False},
                     "Sokoban-v0-raw": {"num_boxes": 1, "dim_room": [6, 6]}}
@@ -62,7 +62,7 @@ class EpisodeCollator:
 
 
 def env_kwargs_for(env_id: str, env_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """``data.env_kwargs`` as used: as given, or ``PAPER_ENV_KWARGS`` when unset."""
+    """``env_kwargs`` as used: as given, or ``PAPER_ENV_KWARGS`` when unset."""
     return dict(PAPER_ENV_KWARGS.get(env_id, {}) if env_kwargs is None else env_kwargs)
 
 
@@ -79,8 +79,9 @@ def checked_seeds(seeds: list[int], split: str) -> list[int]:
 
 
 def playability_report(args: Mapping[str, Any]) -> dict[str, oracle.Playability]:
-    """``data.env_kwargs`` checked against the environment, then the oracle on each split (see
-    ``GamesDataModule``): one ConfigError for a bad key or value, or for a split below ``MIN_PLAYABLE``."""
+    """``env_kwargs`` checked against the environment, then the oracle on each split (see ``GamesTask``; ``args``
+    are the task's, with the DataModule's ``max_eval_items`` when known): one ConfigError for a bad key or value, or
+    for a split below ``MIN_PLAYABLE``."""
     env_id, env_kwargs, max_turns = args["env_id"], args.get("env_kwargs"), int(args["max_turns"])
     check_env_id(env_id)
     check_env_kwargs(env_id, env_kwargs)
@@ -99,7 +100,7 @@ def playability_report(args: Mapping[str, Any]) -> dict[str, oracle.Playability]
             found = report[split] = oracle.playability(env_id, env_kwargs, seeds, max_turns)
         except (RuntimeError, ValueError) as err:  # TextArena could not build one of the boards
             raise ConfigError(f"{env_id} cannot build every {split} board with {env_kwargs}: {err}",
-                              field="data.env_kwargs") from None
+                              field=f"{TASK_PREFIX}env_kwargs") from None
         if found.fraction < MIN_PLAYABLE:
             raise _unplayable(env_id, env_kwargs, max_turns, split, n, found, seeds)
     return report
@@ -109,17 +110,17 @@ def _unplayable(env_id, env_kwargs, max_turns, split, n, found, seeds) -> Config
     sample = f" (a sample of {found.checked} of its {n} games)" if found.checked < n else ""
     shortest = oracle.shortest_wins(env_id, env_kwargs, seeds[:32])
     need = int(statistics.median(shortest)) if shortest else None
-    how = (f"the median shortest win is {need} moves: raise data.max_turns to {need} or more, or give smaller boards"
-           if need else "no win at all: give smaller boards")
+    how = (f"the median shortest win is {need} moves: raise {TASK_PREFIX}max_turns to {need} or more, or give smaller "
+           "boards" if need else "no win at all: give smaller boards")
     return ConfigError(
         f"{found.fraction:.1%} of the {split} games{sample} can be won within {max_turns} moves ({found.winnable} "
         f"of {found.checked}; {env_id}, env_kwargs {dict(env_kwargs or {})}), below the {MIN_PLAYABLE:.0%} a run "
-        f"needs to measure anything; {how} through data.env_kwargs (OPCD: FrozenLake size 3, num_holes 2, "
+        f"needs to measure anything; {how} through {TASK_PREFIX}env_kwargs (OPCD: FrozenLake size 3, num_holes 2, "
         "randomize_start_goal false; Sokoban num_boxes 1, dim_room [6, 6])",
-        field="data.max_turns" if need else "data.env_kwargs")
+        field=f"{TASK_PREFIX}max_turns" if need else f"{TASK_PREFIX}env_kwargs")
 
 
-class GamesDataModule(ContextPairDataModule):
+class GamesTask(Task):
     """Multi-turn text games (TextArena) with experiential knowledge as the context.
 
     Args:
@@ -147,67 +148,65 @@ class GamesDataModule(ContextPairDataModule):
         enable_thinking: passed to chat templates that read it (Qwen3); None = the template's default.
         keep_reasoning: later turns see earlier replies with their ``<think>`` blocks (false: without them, as Qwen3's
             template does to earlier turns). Never changes what is scored: a reply is scored whole.
-        batch_size: games per training step; eval_batch_size: games per evaluation batch.
-        max_prompt_length: the longest allowed first prompt with the experience, in tokens.
-        Other arguments as in ``ContextPairDataModule``.
 
-    Playability, before anything runs (the CLI checks it with the other knobs, before any model loads): the
-    oracle (:mod:`lightning_ctx.tasks.games.oracle`) solves every val/test game and up to ``TRAIN_CHECK_GAMES``
-    train games (evenly spread); a split where fewer than ``MIN_PLAYABLE`` of them can be won within
-    ``max_turns`` is a ConfigError. The fractions are printed, one line per split, and kept in ``playability``.
+    The DataModule's ``batch_size`` / ``eval_batch_size`` count games; its ``max_prompt_length`` bounds the first
+    prompt with the experience.
+
+    Playability, before anything runs (the CLI checks it with the other knobs, before any model loads; a Python
+    user's DataModule on ``connect``): the oracle (:mod:`lightning_ctx.tasks.games.oracle`) solves every evaluated
+    val/test game (``data.max_eval_items`` caps them) and up to ``TRAIN_CHECK_GAMES`` train games (evenly spread); a
+    split where fewer than ``MIN_PLAYABLE`` of them can be won within ``max_turns`` is a ConfigError. The fractions
+    are printed, one line per split, and kept in ``playability``.
     """
 
     KNOB_CHECKS = (at_least("max_turns", 1), at_least("turn_tokens", 1), at_least("n_train", 1), at_least("n_val", 0),
                    at_least("n_test", 0), at_least("data_seed", 0), existing_file("experience_file"),
                    one_of("episode_format", EPISODE_FORMATS), one_of("history", HISTORIES),
-                   # env_kwargs and playability need several arguments and report measured numbers (cached, so the
-                   # CLI's and __init__'s runs cost one)
+                   # env_kwargs and playability need several arguments (and data.max_eval_items) and report measured
+                   # numbers (cached, so the CLI's and connect's runs cost one)
                    ArgsCheck(lambda args: playability_report(args)))
 
     def __init__(self, env_id: str = "FrozenLake-v0-raw", max_turns: int = 5, n_train: int = 1000, n_val: int = 128,
                  n_test: int = 0, data_seed: int = 0, experience: str = "", experience_file: Optional[str] = None,
                  episode_format: str = "per_turn", history: str = "actions", turn_tokens: int = 256,
                  enable_thinking: Optional[bool] = None, keep_reasoning: bool = True,
-                 tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
-                 max_prompt_length: int = 8192, template: str = "chat", max_eval_items: Optional[int] = None,
-                 num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  env_kwargs: Optional[dict[str, Any]] = None):
-        check_class_args(GamesDataModule, locals(), "data.")
-        super().__init__(tokenizer=tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         max_prompt_length=max_prompt_length, template=template, max_eval_items=max_eval_items,
-                         num_workers=num_workers, shuffle=shuffle, seed=seed)
+        check_class_args(GamesTask, locals(), TASK_PREFIX, whole=False)  # playability: on connect (max_eval_items)
         self.env_id, self.max_turns, self.data_seed, self.turn_tokens = env_id, max_turns, data_seed, turn_tokens
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.experience_file = experience_file
-        self.experience = read_text(experience_file, field="data.experience_file").strip() if experience_file \
-            else experience.strip()
+        self.experience = read_text(experience_file, field=f"{TASK_PREFIX}experience_file").strip() \
+            if experience_file else experience.strip()
         if not self.experience:
-            raise DataError("no experience text: set data.experience_file (lightning-ctx extract writes one) or "
-                            "data.experience", field="data.experience_file")
+            raise DataError("no experience text: set experience_file (lightning-ctx extract writes one) or "
+                            "experience", field=f"{TASK_PREFIX}experience_file")
         self.enable_thinking, self.keep_reasoning = enable_thinking, keep_reasoning
         self.episode_format, self.history = episode_format, history
+        check_env_id(env_id)
+        check_env_kwargs(env_id, env_kwargs)
         self.env_kwargs = env_kwargs_for(env_id, env_kwargs)
         self.factory = GameFactory(env_id, max_turns, self.env_kwargs)
-        self.playability = self.measure_playability()
-        self.episodes: EpisodeFormat | None = None  # built with the tokenizer (validate)
+        self.playability: dict[str, oracle.Playability] | None = None  # measured on connect
+        self.episodes: EpisodeFormat | None = None  # built with the tokenizer (connect)
+        self._split_seeds: dict[str, list[int]] = {}  # the loaded splits' seeds (connect)
         self._longest: int | None = None
         self._feedback: int | None = None
 
-    def seeds(self, split: str) -> list[int]:
+    def seeds(self, split: str, max_eval_items: Optional[int] = None) -> list[int]:
         n = self.sizes[split]
-        if split != "train" and self.max_eval_items is not None:
-            n = min(n, self.max_eval_items)
+        if split != "train" and max_eval_items is not None:
+            n = min(n, max_eval_items)
         return split_seeds(self.data_seed, split, n)
 
     # -- playability (the oracle) ------------------------------------------------------------------
-    def measure_playability(self) -> dict[str, oracle.Playability]:
+    def measure_playability(self, max_eval_items: Optional[int] = None) -> dict[str, oracle.Playability]:
         """The oracle on each split (cached per seed; raises for an unplayable split) and one line per split."""
         args = {"env_id": self.env_id, "env_kwargs": self.env_kwargs, "max_turns": self.max_turns,
-                "data_seed": self.data_seed, "max_eval_items": self.max_eval_items,
+                "data_seed": self.data_seed, "max_eval_items": max_eval_items,
                 **{f"n_{split}": n for split, n in self.sizes.items()}}
         report = playability_report(args)
         for split, found in sorted(report.items(), key=lambda item: list(SPLIT_OFFSETS).index(item[0])):
-            n = len(self.seeds(split))
+            n = len(self.seeds(split, max_eval_items))
             sample = f" (a sample of {found.checked} of {n})" if found.checked < n else ""
             rank_zero_info(f"{self.env_id} {self.env_kwargs}: {found.fraction:.1%} of the {split} games"
                            f"{sample} can be won within {self.max_turns} moves; the random legal-move player wins "
@@ -216,36 +215,34 @@ class GamesDataModule(ContextPairDataModule):
             rank_zero_info(f"{self.env_id}: no playability oracle for this game (FrozenLake and Sokoban only)")
         return report
 
-    def load_split_records(self, split: str) -> list[TaskRecord] | None:
+    def load(self, split: str) -> list[TaskRecord] | None:
         if self.sizes[split] <= 0:
             return None
         return [TaskRecord(f"{self.env_id}:{s}", self.experience, "", "", meta={"seed": s}) for s in self.seeds(split)]
 
-    def split_source(self, split: str) -> str:
+    def source(self, split: str) -> str:
         return f"{self.env_id}:{split}"
 
-    def validate(self) -> None:
-        """Load the tokenizer if needed, derive the episode's chat pieces, size-check the first prompts."""
-        if self._validated:
-            return
-        self._ensure_tokenizer()
+    def connect(self, data: DataView) -> None:
+        """Playability on the evaluated games (once), the episode's chat pieces from ``data``'s tokenizer, and the
+        first prompts' length against ``data.max_prompt_length``."""
+        if self.playability is None:
+            self.playability = self.measure_playability(data.max_eval_items)
+        self._split_seeds = {split: [r.meta["seed"] for r in recs] for split, recs in data.splits.items()}
         self._longest = self._feedback = None
-        chat = ChatFormat(self.tokenizer, [self.tokenizer.eos_token_id], enable_thinking=self.enable_thinking,
+        tokenizer = data.tokenizer
+        chat = ChatFormat(tokenizer, [tokenizer.eos_token_id], enable_thinking=self.enable_thinking,
                           keep_reasoning=self.keep_reasoning)
         self.episodes = build_format(self.episode_format, chat, self.history)
-        self.splits = {split: recs for split in ("train", "val", "test")
-                       if (recs := self.load_split_records(split)) is not None}
-        self._validated = True
         longest = self.longest_first_prompt()
-        if longest > self.max_prompt_length:
+        if longest > data.max_prompt_length:
             raise DataError(f"the first prompt with the experience is {longest} tokens, longer than "
-                            f"data.max_prompt_length={self.max_prompt_length}", field="data.experience_file")
+                            f"data.max_prompt_length={data.max_prompt_length}", field=f"{TASK_PREFIX}experience_file")
 
     def longest_first_prompt(self) -> int:
         """Longest first prompt with the experience over the first games of each split."""
-        self.validate()
         if self._longest is None:
-            seeds = [r.meta["seed"] for records in self.splits.values() for r in records[:PROBE_GAMES]]
+            seeds = [s for seeds in self._split_seeds.values() for s in seeds[:PROBE_GAMES]]
             self._longest = max((len(self._first_prompt_ids(g.reset())) for g in self.factory(seeds)), default=0)
         return self._longest
 
@@ -256,9 +253,8 @@ class GamesDataModule(ContextPairDataModule):
 
     def feedback_tokens(self) -> int:
         """Tokens of one user turn after a move (the longest probed feedback, plus a margin)."""
-        self.validate()
         if self._feedback is None:
-            seeds = [r.meta["seed"] for records in self.splits.values() for r in records[:1]][:2]
+            seeds = [s for seeds in self._split_seeds.values() for s in seeds[:1]][:2]
             longest = 0
             for seed in seeds:
                 for move in PROBE_MOVES:
@@ -270,15 +266,14 @@ class GamesDataModule(ContextPairDataModule):
             self._feedback = longest + FEEDBACK_MARGIN
         return self._feedback
 
-    def longest_prompt(self) -> int:
+    def longest_prompt(self, data: DataView) -> int:
         """The longest prefix an episode's last turn is sampled from: the first prompt with the experience, plus
         ``max_turns - 1`` earlier turns (``turn_tokens`` each, or one action line in a per_turn history of actions)
         and their feedback (used for the model's position check and to size the rollout warm-up, hence a static KV
         cache)."""
-        self.validate()
         actions_only = isinstance(self.episodes, PerTurnFormat) and self.history == "actions"
         turn = ACTION_LINE_TOKENS if actions_only else self.turn_tokens
         return self.longest_first_prompt() + (self.max_turns - 1) * (turn + self.feedback_tokens())
 
-    def _collator(self, retain: bool) -> EpisodeCollator:
-        return EpisodeCollator(self.factory, self.episodes, self.experience, self.tokenizer.pad_token_id)
+    def collator(self, data: DataView, retain: bool) -> EpisodeCollator:
+        return EpisodeCollator(self.factory, self.episodes, self.experience, data.tokenizer.pad_token_id)
