@@ -45,6 +45,8 @@ CALLBACKS = (
      "the text games' evaluation (pass rates with and without the experience, the oracle's ceiling and the random "
      "player's floor, transcripts)", "builtin:eval/games.yaml"),
 )
+#: The base of the evaluation callbacks (its knobs are listed with each of them).
+CALLBACK_BASES = ("lightning_ctx.eval.base_callback.EvaluationCallback",)
 #: Callbacks the CLI configures itself, documented elsewhere on this page or not configurable.
 CLI_CALLBACKS = ("lightning_ctx.checkpointing.RunCheckpoint", "lightning_ctx.progress.StepProgressBar",
                  "lightning_ctx.tracking.MLflowConfigCallback")
