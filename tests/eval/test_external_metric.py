@@ -71,7 +71,7 @@ def test_metric_from_outside_is_computed_logged_summarised_drawn_and_compared(
     val = jsonl_file(make_records(6, "ADD2", seed=2, prefix="v"), "val.jsonl")
     with caplog.at_level(logging.INFO):
         main(["fit", "--config", str(cfg), "--model.student", tiny_dirs["qwen2"], "--model.max_new_tokens", "4",
-              "--data.train_file", train, "--data.val_file", val, "--data.batch_size", "2",
+              "--data.task.train_file", train, "--data.task.val_file", val, "--data.batch_size", "2",
               "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
               "false", "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"])
 
