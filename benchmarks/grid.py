@@ -1,8 +1,9 @@
-"""Reproduce the paper-style table on the embedded rule world: OPD, anchored OPD and anchored OPD + retention.
+"""Reproduce the paper-style table on the embedded rule world: OPD, anchored OPD, anchored OPD + retention and
+OPCD's off-policy context-distillation baseline.
 
 For every target context x seed it runs ``lightning-ctx fit`` once per method -- the world's task and model
 (``builtin:tasks/world.yaml``, ``builtin:models/world_base.yaml``), the grid's evaluation and each method file
-(``builtin:methods/{opd,anchored,anchored_retain}.yaml``) -- all logged to one MLflow experiment, then
+(``builtin:methods/{opd,anchored,anchored_retain,offpolicy_cd}.yaml``) -- all logged to one MLflow experiment, then
 ``lightning-ctx compare`` twice: averaged over seeds per target
 (the paper table) and per (target, seed) (the "harm reduced in N of 12 configurations" and "retention >= 0.9
 in N of 12" counts: 4 targets x 3 seeds). Both print every value with its 95% interval over items and every
@@ -14,7 +15,7 @@ point estimates and by the intervals.
     python benchmarks/grid.py --targets SHOW ADD2 --seeds 0 1 --methods opd anchored -- --model.lr 1e-3
 
 Every run gets the tags ``grid``, ``task``, ``target_context``, ``seed`` and ``method`` (``compare`` groups by
-them; it tells the methods apart by the logged anchor and retain weights) and the run name
+them; it tells the methods apart by the logged anchor, retain and OPD weights and the extra terms) and the run name
 ``<target>-<method>-s<seed>``. The config must log to MLflow (the CLI default);
 ``experiments/eval/grid.yaml`` (``--eval-config``) adds ``lightning_ctx.eval.ContextRemovabilityCallback``,
 whose final ``eval/*`` metrics ``compare`` reads. ``--extra-config`` adds more YAML overlays; arguments
@@ -41,7 +42,7 @@ DEFAULT_CONFIGS = ("builtin:tasks/world.yaml", "builtin:models/world_base.yaml")
 DEFAULT_EVAL_CONFIG = "experiments/eval/grid.yaml"  # adds ContextRemovabilityCallback (the eval/* metrics)
 DEFAULT_TARGETS = ("SHOW", "ADD2", "REV", "ADD1 SHOW")
 DEFAULT_SEEDS = (0, 1, 2)
-METHODS = ("opd", "anchored", "anchored_retain")  # builtin:methods/<name>.yaml
+METHODS = ("opd", "anchored", "anchored_retain", "offpolicy_cd")  # builtin:methods/<name>.yaml
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,13 @@ KEY_SOURCES: dict[str, tuple[str, ...]] = {
     "seed": ("tags.seed", "params.cfg/seed_everything", "params.cfg/data.seed", "params.cfg/data.init_args.seed"),
     "anchor_weight": ("tags.anchor_weight", "params.cfg/model.anchor_weight", "params.anchor_weight"),
     "retain_weight": ("tags.retain_weight", "params.cfg/model.retain_weight", "params.retain_weight"),
+    "opd_weight": ("params.cfg/model.opd_weight", "params.opd_weight"),
 }
 #: ``retention >= RETENTION_KEPT`` counts as "the student still follows the other contexts".
 RETENTION_KEPT = 0.9
 RETAIN_SUFFIX = " + retain"
+#: Names of the loss terms a method is told by when it has no on-policy term (``model.opd_weight: 0``).
+TERM_LABELS = {"OffPolicyContextDistillation": "off-policy CD"}
 DEFAULT_GROUP_BY = ("task", "target", "model")
 DEFAULT_METHOD_KEY = "anchor_weight"
 _MISSING = ("", "None", "null", "none")
@@ -247,14 +251,21 @@ def _summary_verb(metric: str) -> str:
     return {1: f"{metric} improved", -1: f"{metric} reduced", 0: f"|{metric}| reduced"}[d]
 
 
-def _retain_suffix(run, method_key: str) -> str:
-    """``" + retain"`` for a run with the retention term, when methods are told apart by the anchor weight."""
+def _method_label(run, method_key: str, label: str) -> str:
+    """When methods are told apart by the anchor weight: ``label`` + ``" + retain"`` for a run with the retention
+    term; a run without the on-policy term (``model.opd_weight: 0``) is named by its extra terms (``off-policy
+    CD``)."""
     if method_key != DEFAULT_METHOD_KEY:
-        return ""
+        return label
     try:
-        return RETAIN_SUFFIX if float(run_value(run, "retain_weight") or 0) > 0 else ""
+        if float(run_value(run, "opd_weight") or 1) == 0:  # the config's extra terms: cfg/model.extra_terms.<i>...
+            params = run.data.params
+            terms = [params[k] for k in sorted(params) if re.fullmatch(r"cfg/model\.extra_terms\.\d+\.class_path", k)]
+            names = [TERM_LABELS.get(t.rsplit(".", 1)[-1], t.rsplit(".", 1)[-1]) for t in terms]
+            return " + ".join(names) or label
+        return label + (RETAIN_SUFFIX if float(run_value(run, "retain_weight") or 0) > 0 else "")
     except ValueError:
-        return ""
+        return label
 
 
 def _rank_key(metric: str, value: float) -> float:
@@ -325,7 +336,7 @@ def compare_runs(runs: list, group_by: Sequence[str] = DEFAULT_GROUP_BY, method_
     groups: dict[tuple, dict[str, list]] = {}
     for run, raw in zip(used, raw_methods):
         key = tuple(run_value(run, g) for g in group_by)
-        groups.setdefault(key, {}).setdefault(labels[raw] + _retain_suffix(run, method_key), []).append(run)
+        groups.setdefault(key, {}).setdefault(_method_label(run, method_key, labels[raw]), []).append(run)
     method_order = sorted({m for g in groups.values() for m in g}, key=lambda m: (m != baseline, m))
     configs = []
     for key in sorted(groups, key=lambda k: tuple("" if v is None else v for v in k)):

@@ -175,7 +175,7 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
     args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
                             "--experiment", "E", "--", "--data.task.n_train", "64"])
     jobs = grid.fit_jobs(args)
-    assert len(jobs) == 12 and len({j.name for j in jobs}) == 12
+    assert len(jobs) == 16 and len({j.name for j in jobs}) == 16
     job = next(j for j in jobs if j.name == "ADD1_REV-anchored_retain-s1")
     argv = job.argv
     opt = lambda name: argv[argv.index(name) + 1]  # noqa: E731
@@ -186,12 +186,12 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
     assert (opt("--data.task.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
     assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
     assert argv[-2:] == ["--data.task.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
-    # the three methods for every (target, seed)
+    # the four methods for every (target, seed)
     pairs = {(opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
     for j in jobs:
         key = (opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything"))
         pairs[key].add(json.loads(opt_of(j, "--trainer.logger.init_args.tags"))["method"])
-    assert all(v == {"opd", "anchored", "anchored_retain"} for v in pairs.values()) and len(pairs) == 4
+    assert all(v == {"opd", "anchored", "anchored_retain", "offpolicy_cd"} for v in pairs.values()) and len(pairs) == 4
 
     # the tags it sets are what compare groups by
     tags = json.loads(opt("--trainer.logger.init_args.tags"))
@@ -461,3 +461,36 @@ def test_run_table_of_the_sampled_namespace():
     expected = values(sampled_items(c0, c1))
     assert {k: got[k] for k in expected} == pytest.approx(expected) and got["len_inflation"] == pytest.approx(0.5)
     assert table.ids["examples"] == [f"r{i}" for i in range(30)] and "harm_excess" in got
+
+
+def test_a_run_without_the_on_policy_term_is_named_by_its_extra_terms(tmp_path):
+    """The off-policy baseline has anchor and retain weights 0 like OPD: compare tells it apart by model.opd_weight
+    0 and its extra term's class."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from lightning_ctx.compare import compare_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("offp")
+    base = {"cfg/data.task.class_path": "lightning_ctx.tasks.world.WorldTask",
+            "cfg/data.task.init_args.target_context": "SHOW", "cfg/model.student": "builtin:world",
+            "cfg/model.anchor_weight": "0.0", "cfg/model.retain_weight": "0.0"}
+    methods = {"opd": {"cfg/model.opd_weight": "1.0"},
+               "offp": {"cfg/model.opd_weight": "0.0",
+                        "cfg/model.extra_terms.0.class_path": "lightning_ctx.loss.OffPolicyContextDistillation",
+                        "cfg/model.extra_terms.0.init_args.weight": "1.0"}}
+    for seed in (0, 1):
+        for name, extra in methods.items():
+            rid = client.create_run(exp).info.run_id
+            params = {**base, **extra, "cfg/seed_everything": str(seed)}
+            harm = 0.5 if name == "opd" else 0.25
+            client.log_batch(rid, metrics=[Metric("eval/harm", harm, 1, 10)],
+                             params=[Param(k, v) for k, v in params.items()])
+            client.set_terminated(rid)
+    runs = client.search_runs([exp])
+    result = compare_runs(runs, metrics=["harm"])
+    (config,) = result["configs"]
+    assert set(config["methods"]) == {"OPD", "off-policy CD"}
+    assert config["methods"]["off-policy CD"]["metrics"]["harm"]["mean"] == 0.25
+    assert config["deltas"]["off-policy CD"]["harm"] == pytest.approx(-0.25)

@@ -160,7 +160,7 @@ def test_builtin_method_files_stack_on_the_world_base(capsys):
 
     assert {p.relative_to(REPO / "lightning_ctx" / "configs").as_posix() for p in BUILTIN} >= {
         "world.yaml", "tasks/world.yaml", "models/world_base.yaml", "eval/removability.yaml", "methods/opd.yaml",
-        "methods/anchored.yaml", "methods/anchored_retain.yaml"}
+        "methods/anchored.yaml", "methods/anchored_retain.yaml", "methods/offpolicy_cd.yaml"}
     # the quickstart file names are the same stacks as the builtin files: the world's task, model and evaluation
     argv = expand_configs(["fit", "--config", str(EXPERIMENTS / "world_anchored_retain.yaml")])
     configs = [_where(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
