@@ -203,7 +203,7 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
 
     assert grid.main(["--dry-run", "--targets", "SHOW", "--seeds", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert len(lines) == 3 + 2  # three fits, two compares
+    assert len(lines) == 4 + 2  # four fits (one per method), two compares
     assert shlex.split(lines[1])[2:] == grid.fit_jobs(grid.parse_args(["--targets", "SHOW", "--seeds", "3"]))[1].argv
 
 
