@@ -112,7 +112,7 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 def build_compare_parser():
     import argparse
 
-    from lightning_ctx.cli.help import PlainHelpFormatter
+    from lightning_ctx.console import PlainHelpFormatter
 
     p = argparse.ArgumentParser(
         prog="lightning-ctx compare", formatter_class=PlainHelpFormatter,

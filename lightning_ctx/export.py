@@ -207,7 +207,7 @@ class ModelExport(Callback):
 def build_export_parser():
     import argparse
 
-    from lightning_ctx.cli.help import PlainHelpFormatter
+    from lightning_ctx.console import PlainHelpFormatter
 
     p = argparse.ArgumentParser(
         prog="lightning-ctx export", formatter_class=PlainHelpFormatter,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lightning_ctx.cli.app import DESCRIPTIONS, EXTRA_COMMANDS, ContextCLI, top_level_help
-from lightning_ctx.cli.help import plain_text
+from lightning_ctx.console import plain_text
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = ("fit", "validate", "test", "compare", "export", "extract", "pretrain-world")

@@ -20,9 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.cli.compose import expand_configs
-from lightning_ctx.cli.console import CompactModelSummary, quiet_third_party
-from lightning_ctx.cli.help import PlainJsonargparseFormatter
 from lightning_ctx.cli.locate import check_knobs, locate_config_error
+from lightning_ctx.console import CompactModelSummary, PlainJsonargparseFormatter, quiet_third_party
 from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import DataError
 from lightning_ctx.export import ModelExport

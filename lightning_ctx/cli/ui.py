@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from lightning_ctx.cli.help import PlainHelpFormatter
+from lightning_ctx.console import PlainHelpFormatter
 from lightning_ctx.tracking import open_store
 
 

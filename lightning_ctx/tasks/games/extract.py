@@ -199,7 +199,7 @@ def _model_samplers(model, tokenizer, eos_ids, max_new_tokens: int, temperature:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lightning_ctx.cli.help import PlainHelpFormatter
+    from lightning_ctx.console import PlainHelpFormatter
 
     p = argparse.ArgumentParser(prog="lightning-ctx extract", description=__doc__.split("\n\n")[0],
                                 formatter_class=PlainHelpFormatter)

@@ -270,7 +270,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from lightning_ctx.cli.help import PlainHelpFormatter
+    from lightning_ctx.console import PlainHelpFormatter
 
     p = argparse.ArgumentParser(prog="lightning-ctx pretrain-world", formatter_class=PlainHelpFormatter,
                                 description="Pretrain the rule-world base model (what builtin:world ships) from "
