@@ -8,7 +8,7 @@
   - Lightning's "Tip: ... try installing [litlogger]" advertisement (runs are tracked in MLflow), and its note that a
     model summary callback is already configured (ours, :class:`CompactModelSummary`);
   - MLflow's "Creating initial MLflow database tables..." / "Updating database tables" on a new store;
-  - transformers' "Loading weights" progress bars (thousands of carriage returns in a log).
+  - transformers' "Loading weights" and MLflow's "Downloading artifacts" progress bars (carriage returns in a log).
 
 * Lightning's model table becomes one line (:class:`CompactModelSummary`).
 * ``--help`` is plain text: docstrings lose their reStructuredText markup and every flag shows its default
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import warnings
 
@@ -92,6 +93,7 @@ def quiet_third_party() -> None:
         rank_zero.addFilter(_DropMessages("💡 Tip", "Trainer already configured with model summary callbacks"))
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read by MLflow at each download
     try:
         from transformers.utils import logging as hf_logging
 

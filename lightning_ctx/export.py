@@ -185,7 +185,9 @@ class ModelExport(Callback):
         log = self.log_model if self.log_model is not None else checkpoint is None
         if not (self.dir or (log and runs)):
             return
-        if trainer.world_size > 1 and trainer.strategy.__class__.__name__.startswith("FSDP"):
+        from lightning_ctx.distributed import is_sharded
+
+        if trainer.world_size > 1 and is_sharded(trainer):
             rank_zero_warn("export: the student is sharded over ranks (FSDP) and is not exported at the end of fit; "
                            "export its last checkpoint with `lightning-ctx export --ckpt PATH`")
             return

@@ -69,7 +69,7 @@ def run_summary(trainer, stage: str) -> Optional[str]:
     else:
         lines.append(f"final {prefix}*: none logged (no evaluation callback ran)")
     if stage == "fit":
-        train = [f"{t} {_fmt(metrics['train/' + t])}" for t in TRAIN_TERMS if f"train/{t}" in metrics]
+        train = [f"{t} {metrics['train/' + t]:.4g}" for t in TRAIN_TERMS if f"train/{t}" in metrics]
         if train:
             lines.append(f"last step    {'   '.join(train)}")
         export = next((cb for cb in trainer.callbacks if isinstance(cb, ModelExport)), None)

@@ -237,6 +237,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _CURRENT_ARGV[:] = argv
+    quiet_third_party()
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         raise SystemExit(0 if argv else 2)
