@@ -64,11 +64,20 @@ def merged_lora_state_dict(student) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_export_dir(out_dir: str | os.PathLike, knob: str = "--out") -> Path:
+    """``out_dir`` may be written: missing, empty, or an earlier export (its files are replaced); anything else is
+    refused, so an export never mixes its files into another folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_INFO).exists())):
+        raise ModelError(f"{knob}: {out} exists and is not an earlier export; give a new or empty folder")
+    return out
+
+
 def save_student(student, tokenizer, out_dir: str | os.PathLike, *, adapter_only: bool = False,
                  info: Optional[dict[str, Any]] = None) -> Path:
     """Write ``student`` (merged when it carries a LoRA adapter, or the adapter alone) and ``tokenizer`` (with its chat
     template) to ``out_dir`` as a ``save_pretrained`` folder; ``info`` goes to ``lightning_ctx_export.json``."""
-    out = Path(out_dir)
+    out = check_export_dir(out_dir)
     if adapter_only and not is_lora(student):
         raise ModelError("export: --adapter-only needs a LoRA student (model.lora); this one was fully fine-tuned")
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +181,10 @@ class ModelExport(Callback):
                 return os.path.realpath(path)
         return None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.dir and trainer.is_global_zero:
+            check_export_dir(self.dir, "export.dir")  # before training, not after it
+
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
@@ -238,11 +251,10 @@ def _download_logged(client, run_id: str, out: Path) -> Optional[Path]:
     """The run's ``model/`` artifact copied to ``out``, or None when the run has none."""
     if MODEL_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
         return None
+    check_export_dir(out)
     with tempfile.TemporaryDirectory() as tmp:
         got = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(got, out)
+        shutil.copytree(got, out, dirs_exist_ok=True)
     return out
 
 

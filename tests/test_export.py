@@ -59,6 +59,12 @@ def test_full_student_reloads_with_same_logits_and_chat_template(tiny_dirs, tmp_
     assert json.loads((out / EXPORT_INFO).read_text()) == {"format": "full", "step": 7}
     with pytest.raises(ModelError, match="needs a LoRA student"):
         save_student(module.student, module.tokenizer, tmp_path / "adapter", adapter_only=True)
+    save_student(module.student, module.tokenizer, out)  # an earlier export may be replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ModelError, match="is not an earlier export"):  # any other folder is left alone
+        save_student(module.student, module.tokenizer, tmp_path / "notes")
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
 def test_lora_student_is_merged_out_of_place(tiny_dirs, tmp_path):

@@ -80,3 +80,20 @@ def test_other_stores_are_left_alone(tmp_path):
     assert reroot_artifacts("http://127.0.0.1:5000") == 0
     assert reroot_artifacts(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}") == 0
     assert not (tmp_path / "none").exists()  # no empty database created
+
+
+def test_ui_reroots_then_runs_mlflow_ui(tmp_path, mlflow_template_db, monkeypatch):
+    import os
+    import sys
+
+    run_id = _store_with_run(tmp_path / "a", mlflow_template_db)
+    shutil.move(tmp_path / "a" / "mlruns", tmp_path / "mlruns")
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    with pytest.raises(SystemExit) as info:
+        main(["ui", "--tracking-uri", uri, "--port", "5001"])
+    assert info.value.code == 0
+    assert calls == [(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port",
+                                       "5001"])]
+    assert _listing(uri, run_id) == EXPECTED  # re-rooted before the UI starts
