@@ -182,16 +182,19 @@ class ModelExport(Callback):
         return None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        """What would fail at the end of fit fails before training instead."""
+        if self.adapter_only and pl_module.hparams.get("lora") is None:
+            raise ModelError("export.adapter_only needs a LoRA student (model.lora); this one is fully fine-tuned")
         if self.dir and trainer.is_global_zero:
-            check_export_dir(self.dir, "export.dir")  # before training, not after it
+            check_export_dir(self.dir, "export.dir")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        runs = self._mlflow_runs(trainer)
-        checkpoint = self.last_checkpoint(trainer)
         from mlflow.tracking import MlflowClient
 
+        runs = self._mlflow_runs(trainer)
+        checkpoint = self.last_checkpoint(trainer)
         if checkpoint:
             for run_id, uri in runs:
                 MlflowClient(uri).set_tag(run_id, CHECKPOINT_TAG, checkpoint)
