@@ -1,4 +1,5 @@
-# lightning-ctx: `make demo`, `make test` (both install into .venv on first use), `make install`.
+# lightning-ctx: `make demo` (installs the runtime into .venv on first use), `make test` (installs everything),
+# `make install`, `make install-min`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,6 +13,9 @@ PYTEST_ARGS ?=
 # installed). It is older than pyproject.toml, this Makefile (its pins) or the lock -> install again.
 STAMP := $(VENV)/.installed
 LOCK_ARGS = $(if $(LOCK),-c $(LOCK))
+# The runtime-only install (`make install-min`: what `lightning-ctx fit/compare/export` and `make demo` need, no
+# dev/games extras) has its own stamp; a full install that is fresh serves it too.
+STAMP_RUNTIME := $(VENV)/.installed-runtime
 
 # uv resolves (never installs torch): the lock, the minimums and the co-install check. It sees the wheel pip
 # installs torch from (pip's find-links, e.g. a local CPU build) and is pinned to the exact torch installed, so
@@ -37,7 +41,7 @@ COMPAT_TESTS ?= tests/tasks/world/test_tokenizer_asset.py tests/tasks/world/test
 # GPU stacks we must install beside (scripts/coinstall.py): resolution only, no download.
 COINSTALL ?= vllm==0.33.0 sglang==0.5.23 trl[vllm]
 
-.PHONY: install test demo bench lock test-min test-compat coinstall clean
+.PHONY: install install-min test demo bench lock test-min test-compat coinstall clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,10 +61,29 @@ $(STAMP): pyproject.toml Makefile $(LOCK) | $(PY)
 	$(call install_into,$(PY),$(LOCK_ARGS))
 	touch $@
 
+# Runtime only: torch as above, then `pip install -e .` with the lock (no jupyter, pytest, ruff, peft,
+# bitsandbytes or TextArena); `make test` adds the rest later.
+define install_runtime
+	$(1) -m pip install $(2) "$(TORCH_SPEC)"
+	$(1) -m pip install $(2) -e .
+endef
+
+install-min: | $(PY)
+	$(call install_runtime,$(PY),$(LOCK_ARGS))
+	touch $(STAMP_RUNTIME)
+
+# "yes" when the full install's stamp exists and is newer than everything it depends on
+full_install_current = $(shell [ -f $(STAMP) ] && [ -z "$$(find pyproject.toml Makefile $(LOCK) -newer $(STAMP))" ] \
+	&& echo yes)
+
+$(STAMP_RUNTIME): pyproject.toml Makefile $(LOCK) | $(PY)
+	$(if $(full_install_current),@echo "the full install in $(VENV) is current",$(call install_runtime,$(PY),$(LOCK_ARGS)))
+	touch $@
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP_RUNTIME)
 	$(PY) -m lightning_ctx.demo
 
 bench: $(STAMP)

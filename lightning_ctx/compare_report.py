@@ -25,7 +25,7 @@ from lightning_ctx.compare import (
     summary_lines,
 )
 from lightning_ctx.eval.intervals import DEFAULT_RESAMPLES
-from lightning_ctx.tracking import default_tracking_uri
+from lightning_ctx.tracking import open_store
 
 #: The per-example table each evaluation callback uploads per step: file -> (registry name, rows, retention rows).
 TABLE_FILES = {"examples.json": ("removability", "examples", "retention_examples"),
@@ -126,8 +126,10 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 def build_compare_parser():
     import argparse
 
+    from lightning_ctx.console import PlainHelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="lightning-ctx compare",
+        prog="lightning-ctx compare", formatter_class=PlainHelpFormatter,
         description="Compare OPD (anchor weight 0) and anchored runs: final eval/* metrics averaged over seeds "
                     "per configuration, a paper-style table, Markdown/CSV/JSON/PNG outputs.")
     p.add_argument("--tracking-uri", default=None,
@@ -247,7 +249,7 @@ def compare_main(argv: list[str]) -> int:
 
     args = build_compare_parser().parse_args(argv)
     err = lambda msg: print(f"lightning-ctx compare: {msg}", file=sys.stderr)  # noqa: E731
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = open_store(args.tracking_uri)  # a moved store re-rooted (lightning_ctx.store)
     group_by = _split_list([args.group_by])
     metrics = _split_list([args.metrics]) if args.metrics is not None else None
     if metrics is not None and not metrics:

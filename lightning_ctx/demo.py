@@ -37,7 +37,8 @@ def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment
                            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
                            "--trainer.logger.init_args.experiment_name", experiment,
                            "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}",
-                           *(["--model.lr", str(lr)] if lr is not None else [])])
+                           *(["--model.lr", str(lr)] if lr is not None else [])],
+                     print_summary=False)  # the demo prints one table for all arms instead
     return cli.trainer.logger.run_id
 
 
@@ -117,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\nharm = share of items right without the context that turn wrong when it is given back.")
     print(f"Harm and retention over steps, all arms on one plot: {', '.join(map(str, plots))} (also in each run)")
-    print("Runs are in ./mlruns: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    print(f"\nRuns are in ./mlruns, experiment {args.experiment!r}; each holds its student as the artifact model/.")
+    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
+    print(f"  .venv/bin/lightning-ctx compare --experiment {args.experiment}")
+    print(f"  .venv/bin/lightning-ctx export --run-id {run_ids[args.arms[-1]]} --out exports/{args.arms[-1]}"
+          f"   # the {LABELS[args.arms[-1]]} student as a save_pretrained folder")
     return 0
 
 

@@ -53,6 +53,7 @@ CLI_CALLBACKS = ("lightning_ctx.checkpointing.RunCheckpoint", "lightning_ctx.pro
 LOGGER = "lightning_ctx.tracking.MLflowLogger"
 MODULE = "lightning_ctx.module.OnPolicyDistillation"
 CHECKPOINT = "lightning_ctx.checkpointing.RunCheckpoint"
+EXPORT = "lightning_ctx.export.ModelExport"
 
 # Trainer arguments worth listing (every Lightning Trainer argument is accepted).
 TRAINER_KNOBS = {
@@ -296,6 +297,13 @@ def render() -> str:
         "`<trainer.default_root_dir>/checkpoints`); `--ckpt_path last` resumes the run and its MLflow run.",
         "",
         *_table("checkpoint.", base["checkpoint"], {}, fallback="see Lightning's `ModelCheckpoint`"),
+        "",
+        f"## `export.*`: `{EXPORT}`",
+        "",
+        "At the end of fit, the student as a `save_pretrained` folder (merged LoRA unless `adapter_only`); "
+        "`lightning-ctx export` writes the same from a checkpoint or a run afterwards.",
+        "",
+        *_table("export.", base["export"], arg_docs(resolve(EXPORT))),
         "",
         "## `trainer.*`: Lightning `Trainer` (selection)",
         "",

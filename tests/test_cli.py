@@ -62,7 +62,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_dirs, jsonl_file, mlflo
     assert not mlflow.search_runs(experiment_names=["lightning-ctx"], output_format="list")
     with pytest.raises(SystemExit) as info:
         _fit(str(tmp_path / "no-such-model"), bad)
-    assert info.value.code == 2 and "model path does not exist" in capsys.readouterr().err
+    assert info.value.code == 2 and "model.student: " in capsys.readouterr().err
 
 
 def test_console_script_runs():

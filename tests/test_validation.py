@@ -85,7 +85,8 @@ def test_missing_model_and_chat_template_and_vocab(tmp_path, tiny_dirs, jsonl_fi
     from lightning_ctx.models.tiny import save_tiny_checkpoint
 
     path = jsonl_file([GOOD])
-    _expect_user_error(capsys, mlflow_uri, lambda: _fit(str(tmp_path / "nope"), path), "model path does not exist")
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(str(tmp_path / "nope"), path), "model.student: ",
+                       "does not exist", "--model.student /path/to/folder")
     other = save_tiny_checkpoint(tmp_path / "other", "qwen2", extra_words=["zebra"])
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--model.teacher", str(other)),
                        "teacher tokenizer differs")

@@ -1,4 +1,5 @@
-"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare``, ``pretrain-world``, ``extract``.
+"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus the commands of :data:`EXTRA_COMMANDS`
+(``export``, ``compare``, ``ui``, ``extract``, ``pretrain-world``); ``lightning-ctx --help`` lists them all.
 
 Config composition lives in :mod:`lightning_ctx.cli.compose`, locating config errors and the knob checks in
 :mod:`lightning_ctx.cli.locate`; this module is the command itself.
@@ -14,17 +15,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.cli.compose import expand_configs
 from lightning_ctx.cli.locate import check_knobs, locate_config_error
+from lightning_ctx.console import CompactModelSummary, PlainJsonargparseFormatter, quiet_third_party
 from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError
+from lightning_ctx.export import ModelExport
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
-from lightning_ctx.progress import StepProgressBar
+from lightning_ctx.progress import progress_callback
+from lightning_ctx.summary import run_summary
 from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
 
 USER_ERRORS = (DataError, ModelError, TrackingError)
@@ -42,7 +46,11 @@ class ConciseArgumentParser(LightningArgumentParser):
 
 
 class ContextCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True, **kwargs):
+    """``print_summary``: the run summary after fit / validate / test (:mod:`lightning_ctx.summary`)."""
+
+    def __init__(self, args=None, run: bool = True, print_summary: bool = True, **kwargs):
+        quiet_third_party()
+        self.print_summary = print_summary
         if args is None or isinstance(args, (list, tuple)):
             args = expand_configs(list(sys.argv[1:] if args is None else args))
             _CURRENT_ARGV[:] = args
@@ -57,15 +65,27 @@ class ContextCLI(LightningCLI):
             parser_class=ConciseArgumentParser,
             save_config_callback=MLflowConfigCallback,
             save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False,
+                           "formatter_class": PlainJsonargparseFormatter},
             args=args,
             run=run,
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (no ``predict``: the module has no ``forward`` to predict with)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, without its warning about ``args`` beside ``sys.argv``: :func:`main` passes the command line
+        itself, with every config's ``defaults`` expanded (``expand_configs``)."""
+        self.config = parser.parse_args(args) if isinstance(args, (list, tuple)) else parser.parse_object(args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data.task": {"class_path": "lightning_ctx.data.task.JSONLTask"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelExport, "export")
         parser.add_argument("--defaults", type=Optional[list[str]], default=None,
                             help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
                                  "to this file); expanded by lightning-ctx before parsing.")
@@ -83,7 +103,9 @@ class ContextCLI(LightningCLI):
             callbacks = [cb for cb in callbacks if not isinstance(cb, RunCheckpoint)]
         chosen = list(callbacks) + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in chosen):
-            callbacks = [*callbacks, StepProgressBar()]  # steps out of max_steps, not a per-epoch bar
+            callbacks = [*callbacks, progress_callback()]  # a bar over steps in a terminal, short lines in a log
+        if config.get("enable_model_summary") is not False and not any(isinstance(cb, ModelSummary) for cb in chosen):
+            callbacks = [*callbacks, CompactModelSummary()]  # one line instead of Lightning's table
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare(self) -> None:
@@ -130,19 +152,64 @@ class ContextCLI(LightningCLI):
     def before_test(self) -> None:
         self._prepare()
 
+    def _summarize(self, stage: str) -> None:
+        text = run_summary(self.trainer, stage) if self.print_summary else None
+        if text:
+            print(text, flush=True)
+
+    def after_fit(self) -> None:
+        self._summarize("fit")
+
+    def after_validate(self) -> None:
+        self._summarize("validate")
+
+    def after_test(self) -> None:
+        self._summarize("test")
+
 
 # Subcommands outside LightningCLI: name -> "module:function" taking argv (imported lazily).
 EXTRA_COMMANDS = {
     "compare": "lightning_ctx.compare_report:compare_main",
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
     "extract": "lightning_ctx.tasks.games.extract:extract_main",
+    "export": "lightning_ctx.export:export_main",
+    "ui": "lightning_ctx.cli.ui:ui_main",
 }
+
+# One line per subcommand for ``lightning-ctx --help`` (every registered command has one: tests/test_cli_help.py).
+DESCRIPTIONS = {
+    "fit": "distill: train the student from a config (--config FILE), evaluate it, track it in MLflow",
+    "validate": "evaluate a model (or --ckpt_path) on the validation split",
+    "test": "evaluate a model (or --ckpt_path) on the test split (metrics test/*)",
+    "export": "the distilled student as a save_pretrained folder, from a checkpoint or an MLflow run",
+    "compare": "the OPD vs anchored table of finished runs, read back from MLflow",
+    "ui": "the MLflow UI on ./mlruns (a moved or copied store is re-rooted first)",
+    "extract": "a text game's experience, written by the model from its own games (OPCD's extraction)",
+    "pretrain-world": "retrain the built-in rule-world base model (builtin:world)",
+}
+
+
+def top_level_help() -> str:
+    registered = [*ContextCLI.subcommands(), *EXTRA_COMMANDS]
+    names = [n for n in DESCRIPTIONS if n in registered] + [n for n in registered if n not in DESCRIPTIONS]
+    width = max(map(len, names)) + 2
+    lines = ["usage: lightning-ctx COMMAND [--help] [options]", "",
+             "On-policy context distillation on PyTorch Lightning; runs are tracked in MLflow (./mlruns).", "",
+             "commands:"]
+    lines += [f"  {name.ljust(width)}{DESCRIPTIONS.get(name, '')}" for name in names]
+    lines += ["", "Run `lightning-ctx COMMAND --help` for the flags of one command (fit, validate and test share",
+              "theirs; `lightning-ctx fit --print_config` prints every knob with its value)."]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _CURRENT_ARGV[:] = argv
+    quiet_third_party()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        raise SystemExit(0 if argv else 2)
     if argv and argv[0] in EXTRA_COMMANDS:
         import importlib
 

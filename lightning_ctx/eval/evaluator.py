@@ -278,7 +278,8 @@ class Evaluator(ResponseDecoder):
             return contextlib.nullcontext(None)
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log keeps every redraw); the summary line stays
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
     # -- the evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
