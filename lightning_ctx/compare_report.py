@@ -216,6 +216,8 @@ def final_table(client, run_id: str, metric_prefix: str = "eval/") -> Optional[R
             continue
         with tempfile.TemporaryDirectory() as tmp:
             payload = json.loads(Path(client.download_artifacts(run_id, f"{folder}/{name}", tmp)).read_text())
+        if not isinstance(payload, dict):  # not a table this package wrote: no per-item data
+            return None
         rows = ItemRows(payload.get(rows_key) or [], payload.get(retention_key) or [] if retention_key else [])
         if not rows.examples:
             return None

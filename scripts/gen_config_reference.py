@@ -49,7 +49,8 @@ CALLBACKS = (
 CALLBACK_BASES = ("lightning_ctx.eval.base_callback.EvaluationCallback",)
 #: Callbacks the CLI configures itself, documented elsewhere on this page or not configurable.
 CLI_CALLBACKS = ("lightning_ctx.checkpointing.RunCheckpoint", "lightning_ctx.progress.StepProgressBar",
-                 "lightning_ctx.tracking.MLflowConfigCallback")
+                 "lightning_ctx.progress.StepLogProgress", "lightning_ctx.tracking.MLflowConfigCallback",
+                 "lightning_ctx.export.ModelExport", "lightning_ctx.console.CompactModelSummary")
 LOGGER = "lightning_ctx.tracking.MLflowLogger"
 MODULE = "lightning_ctx.module.OnPolicyDistillation"
 CHECKPOINT = "lightning_ctx.checkpointing.RunCheckpoint"
