@@ -26,6 +26,19 @@ def make_records(n, context="ADD2", seed=0, prefix="r"):
     return out
 
 
+# ---------------------------------------------------------------- the documentation a user reads
+
+
+def documentation_text() -> str:
+    """The README and every written page of docs/ (the README links them; not the generated config reference), as one
+    text."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pages = [repo / "README.md", *sorted(p for p in (repo / "docs").glob("*.md") if p.name != "config_reference.md")]
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in pages)
+
+
 # ---------------------------------------------------------------- a tiny batch and a fixed rollout
 
 

@@ -55,8 +55,11 @@ def _run(commands, cwd, env=None):
 
 
 def _readme_commands() -> list[str]:
-    """The subcommands the README runs: in ```bash blocks and in `inline code` (not in prose or printed errors)."""
-    text = (REPO / "README.md").read_text()
+    """The subcommands the README and docs/ run: in ```bash blocks and in `inline code` (not in prose or printed
+    errors)."""
+    from tests.helpers import documentation_text
+
+    text = documentation_text()
     code = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     code += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
     # (?!...): `docker run ... lightning-ctx lightning-ctx ui` names the image first
@@ -107,8 +110,8 @@ def test_short_fit_prints_progress_lines_and_a_summary_without_warnings(tmp_path
     shutil.copy(mlflow_template_db, tmp_path / "mlruns" / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     fit = ["fit", "--config", str(REPO / "experiments" / "world_opd.yaml"), "--trainer.max_steps", "4",
-           "--data.init_args.batch_size", "8", "--data.init_args.n_val", "20",
-           "--data.init_args.retention_contexts", "2", "--data.init_args.retention_items", "5"]
+           "--data.batch_size", "8", "--data.task.n_val", "20",
+           "--data.task.eval_other_contexts", "2", "--data.task.eval_other_items", "5"]
     results, stderr = _run([fit], tmp_path, {"MLFLOW_TRACKING_URI": uri})
     code, out = results[tuple(fit)]
     assert code == 0, out[-3000:]

@@ -62,15 +62,18 @@ def _makefile_targets() -> set[str]:
 
 
 def test_readme_make_commands_exist():
-    text = README.read_text()
-    used = set(re.findall(r"\bmake ([a-z][a-z0-9_-]*)", text))
-    assert {"demo", "test"} <= used
+    from tests.helpers import documentation_text
+
+    assert {"demo", "test"} <= set(re.findall(r"\bmake ([a-z][a-z0-9_-]*)", README.read_text()))
+    used = set(re.findall(r"\bmake ([a-z][a-z0-9_-]*)", documentation_text()))
     missing = used - _makefile_targets()
     assert not missing, f"README mentions make targets the Makefile lacks: {sorted(missing)}"
 
 
 def test_readme_paths_and_modules_exist():
-    text = README.read_text()
+    from tests.helpers import documentation_text
+
+    text = documentation_text()
     pattern = r"\b((?:experiments|notebooks|scripts|docs|benchmarks)/[\w./-]+\.(?:yaml|ipynb|py|md|jsonl|txt))"
     for path in set(re.findall(pattern, text)):
         assert (REPO / path).exists(), f"README mentions {path}, which does not exist"

@@ -143,10 +143,12 @@ BUILTIN = sorted((REPO / "lightning_ctx" / "configs").rglob("*.yaml"))
 
 
 def _readme_fit_commands() -> list[list[str]]:
-    """Every ``lightning-ctx fit ...`` command of the README (continuation lines joined), as argv."""
+    """Every ``lightning-ctx fit ...`` command of the README and docs/ (continuation lines joined), as argv."""
     import shlex
 
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    from tests.helpers import documentation_text
+
+    text = documentation_text().replace("\\\n", " ")
     out = []
     for line in text.splitlines():
         if "lightning-ctx fit" in line and "--config" in line:
@@ -265,7 +267,9 @@ def test_every_setting_stacks_one_task_model_evaluation_and_method(setting):
 
 
 def test_the_readme_names_exist_and_parse(capsys):
-    readme = (REPO / "README.md").read_text()
+    from tests.helpers import documentation_text
+
+    readme = documentation_text()
     for name in README_NAMES:
         assert (EXPERIMENTS / name).is_file() and Path(name).name in readme, name
         with pytest.raises(SystemExit) as info:

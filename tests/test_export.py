@@ -99,7 +99,7 @@ def test_lora_adapter_only_loads_with_peft(tiny_dirs, tmp_path):
 
 
 def _fit_args(student, train, root, *extra):
-    return ["fit", "--model.student", student, "--data.train_file", train, "--data.batch_size", "4",
+    return ["fit", "--model.student", student, "--data.task.train_file", train, "--data.batch_size", "4",
             "--model.max_new_tokens", "5", "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--checkpoint.every_n_train_steps", "3", *extra]
@@ -142,8 +142,8 @@ EVAL_KEYS = ("acc_no_ctx", "acc_ctx", "harm", "help", "both_correct", "len_no_ct
 
 def _world_fit(root, *extra):
     main(["fit", "--config", "experiments/world_opd.yaml", "--trainer.max_steps", "4", "--trainer.default_root_dir",
-          str(root), "--data.init_args.batch_size", "8", "--data.init_args.n_val", "20",
-          "--data.init_args.retention_contexts", "2", "--data.init_args.retention_items", "5",
+          str(root), "--data.batch_size", "8", "--data.task.n_val", "20",
+          "--data.task.eval_other_contexts", "2", "--data.task.eval_other_items", "5",
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra])
 
 
