@@ -100,13 +100,11 @@ def student_from_checkpoint(ckpt_path: str | os.PathLike, student: Optional[str]
     The student is rebuilt from its source (``model.student`` of the checkpoint, or ``student`` when that folder has
     moved), wrapped in the same LoRA adapter when there was one, and the checkpoint's student weights are loaded.
     """
-    from lightning_ctx.checkpointing import MLFLOW_RUN_KEY
+    from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, load_checkpoint_meta
     from lightning_ctx.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise ModelError(f"{path}: checkpoint does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = load_checkpoint_meta(path, knob="ckpt")  # a folder, an empty or damaged file: one line naming it
     hp = ckpt.get("hyper_parameters") or {}
     source = student or hp.get("student")
     if not source:
