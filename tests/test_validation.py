@@ -180,6 +180,40 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
     assert run.data.metrics["train/skipped_steps"] >= 1
 
 
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_a_failed_run_and_the_last_good_checkpoint_kept(tiny_dirs, jsonl_file, mlflow_uri,
+                                                                                capsys, monkeypatch):
+    """(#26.4) The disk fills up while the step-4 checkpoint is written (half of it reaches the disk): one line
+    naming the file, the reason and the last good checkpoint, exit 4, the MLflow run FAILED, no truncated file
+    anywhere, and last.ckpt still the loadable step-2 checkpoint."""
+    import errno
+
+    import lightning_ctx.checkpointing as checkpointing
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("global_step") == 4:
+            f.write(b"PK\x03\x04" + b"\0" * 100)  # a partial archive, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+    path = jsonl_file(make_records(8))
+    with pytest.raises(SystemExit) as info:
+        _fit(tiny_dirs["qwen2"], path, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2")
+    err = capsys.readouterr().err
+    assert info.value.code == 4 and "Traceback" not in err
+    folder = run_checkpoint_dir("checkpoints", mlflow_uri).resolve()
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-ctx")]
+    assert f"cannot write {folder / 'step000004.ckpt'}: No space left on device (ENOSPC)" in line
+    assert f"the last good checkpoint is {folder / 'last.ckpt'}" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "run.json", "step000002.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 2
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+
+
 @pytest.fixture
 def diverge_at(monkeypatch):
     """Make the student's weights NaN from the given global step on, before it samples (as lr 100 would)."""
