@@ -25,7 +25,6 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, Episode, EpisodeFormat, TurnSampler
@@ -248,6 +247,7 @@ def extract_main(argv: Sequence[str]) -> int:
     from lightning_ctx.rollout_episodes import ChatFormat, build_format
     from lightning_ctx.textfiles import read_text
     from lightning_ctx.tracking import default_tracking_uri
+    from lightning_ctx.writing import check_output_file, write_text
 
     a = build_parser().parse_args(list(argv))
     for name in ("updates", "games", "val_games", "eval_every", "max_turns", "max_new_tokens",
@@ -256,16 +256,14 @@ def extract_main(argv: Sequence[str]) -> int:
             raise ConfigError(f"must be >= 1, got {getattr(a, name)}", field=f"--{name.replace('_', '-')}")
     if a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise ConfigError("sampling needs temperature > 0, 0 < top-p <= 1, top-k >= 0", field="--temperature")
-    check_env_id(a.env_id)
+    check_env_id(a.env_id, field="--env-id")
     try:
         env_kwargs = None if a.env_kwargs is None else json.loads(a.env_kwargs)
     except json.JSONDecodeError as err:
         raise ConfigError(f"is not JSON ({err})", field="--env-kwargs") from None
     check_env_kwargs(a.env_id, env_kwargs, field="--env-kwargs")
     factory = GameFactory(a.env_id, a.max_turns, env_kwargs_for(a.env_id, env_kwargs))
-    out = Path(a.out)
-    if out.is_dir():
-        raise ConfigError("is a folder; give the path of the experience file to write", path=out, field="--out")
+    out = check_output_file(a.out, "--out")  # a folder, or a file in the way of its folder: said before extracting
     initial = read_text(a.experience, field="--experience").strip() if a.experience else ""
     torch.manual_seed(a.seed)
     tokenizer = load_tokenizer(a.model)
@@ -297,8 +295,7 @@ def extract_main(argv: Sequence[str]) -> int:
                               "replies (more --updates or --write-max-new-tokens, or a starting --experience)",
                               path=out, field="--out")
         mlflow.log_text(result.best_experience, "best_experience.txt")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(result.best_experience + "\n", encoding="utf-8")
+        write_text(out, result.best_experience + "\n")  # atomic: a full disk leaves no half-written experience
         print(f"best experience: update {result.best_update}, held-out pass rate {result.best_val_pass:.3f} -> {out} "
               f"(MLflow run {run.info.run_id})")
     return 0
