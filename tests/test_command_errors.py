@@ -109,6 +109,7 @@ def test_a_model_path_that_is_a_file_says_so(tmp_path, mlflow_uri, capsys):
     (["compare", "--out-dir", "FILE"], "field '--out-dir': is a file"),
     (["extract", "--model", "x", "--out", "FILE/e.txt"], "FILE is a file"),
     (["extract", "--model", "x", "--out", "e.txt", "--env-id", "Nope-v0"], "field '--env-id'"),
+    (["compare", "--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9 does not answer"),  # no retries
 ])
 def test_command_arguments_are_checked_before_any_work(tmp_path, monkeypatch, mlflow_uri, capsys, argv, needle):
     monkeypatch.chdir(tmp_path)
