@@ -163,3 +163,25 @@ def test_a_checkpoint_whose_run_is_not_in_the_store_is_one_line(tmp_path, mlflow
     line = _one_line(capsys)
     assert info.value.code == 2 and run_id in line
     assert ("was deleted" in line and "mlflow runs restore" in line) if deleted else "is not in the store" in line
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_finished_run_alone(tiny_dirs, jsonl_file, mlflow_uri, capsys):
+    """The issue's sequence 2: a finished run, then the same command with more steps, --ckpt_path last and a student
+    of another shape: one line naming the conflict, exit 2, and the run still FINISHED (compare keeps it)."""
+    from tests.helpers import make_records
+
+    args = ["fit", "--model.student", tiny_dirs["qwen2"], "--data.task.train_file", jsonl_file(make_records(6)),
+            "--data.batch_size", "2", "--model.max_new_tokens", "3", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--checkpoint.every_n_train_steps", "1"]
+    main([*args, "--trainer.max_steps", "2"])
+    capsys.readouterr()
+    other = list(args)
+    other[other.index("--model.student") + 1] = tiny_dirs["llama"]
+    with pytest.raises(SystemExit) as info:
+        main([*other, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    line = _one_line(capsys)
+    assert info.value.code == 2 and f"model.student is '{tiny_dirs['llama']}' here but '{tiny_dirs['qwen2']}'" in line
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] is not None

@@ -246,7 +246,7 @@ def extract_main(argv: Sequence[str]) -> int:
     from lightning_ctx.rollout import eos_ids_for
     from lightning_ctx.rollout_episodes import ChatFormat, build_format
     from lightning_ctx.textfiles import read_text
-    from lightning_ctx.tracking import default_tracking_uri
+    from lightning_ctx.tracking import open_store
     from lightning_ctx.writing import check_output_file, write_text
 
     a = build_parser().parse_args(list(argv))
@@ -264,6 +264,7 @@ def extract_main(argv: Sequence[str]) -> int:
     check_env_kwargs(a.env_id, env_kwargs, field="--env-kwargs")
     factory = GameFactory(a.env_id, a.max_turns, env_kwargs_for(a.env_id, env_kwargs))
     out = check_output_file(a.out, "--out")  # a folder, or a file in the way of its folder: said before extracting
+    uri = open_store()  # MLflow's refused file store, an unreachable server: said before the model loads
     initial = read_text(a.experience, field="--experience").strip() if a.experience else ""
     torch.manual_seed(a.seed)
     tokenizer = load_tokenizer(a.model)
@@ -274,7 +275,7 @@ def extract_main(argv: Sequence[str]) -> int:
     fmt = build_format(a.episode_format, ChatFormat(tokenizer, [tokenizer.eos_token_id], enable_thinking=thinking))
     play, write = _model_samplers(model, tokenizer, eos_ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k,
                                   a.write_max_new_tokens, fmt)
-    mlflow.set_tracking_uri(default_tracking_uri())
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(a.experiment)
     with mlflow.start_run(run_name=a.run_name or f"extract-{a.env_id}") as run:
         mlflow.log_params({k: v for k, v in vars(a).items() if v is not None})
