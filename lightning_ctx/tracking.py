@@ -266,6 +266,13 @@ class MLflowLogger(MLFlowLogger):
         super().finalize(status)
 
     @rank_zero_only
+    def end_killed(self) -> None:
+        """End the run KILLED (a fit stopped by SIGTERM), unless it is a resume that had not trained a step yet."""
+        progressed = getattr(self, "_resume_progressed", None)
+        if self.run_id and (progressed is None or progressed()):
+            self.experiment.set_terminated(self.run_id, "KILLED")
+
+    @rank_zero_only
     def log_hyperparams(self, params) -> None:
         """Like MLFlowLogger's, but a resumed run may re-log params: equal ones are skipped, changed
         ones (MLflow forbids changing a param) are kept under ``resumed/<name>`` instead of crashing."""

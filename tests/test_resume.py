@@ -117,12 +117,13 @@ def test_a_failed_resume_before_its_first_step_leaves_the_run_status(mlflow_uri)
     client = MlflowClient(mlflow_uri)
     run = client.create_run(client.create_experiment("e"))
     client.set_terminated(run.info.run_id, "FINISHED")
-    for progressed, status in ((False, "FINISHED"), (True, "FAILED")):
+    for progressed, end, status in ((False, "failed", "FINISHED"), (False, "killed", "FINISHED"),
+                                    (True, "failed", "FAILED"), (True, "killed", "KILLED")):
         logger = MLflowLogger(experiment_name="e", tracking_uri=mlflow_uri)
         logger.continue_run(run.info.run_id, progressed=lambda p=progressed: p)
         assert logger.experiment.get_run(logger.run_id).info.run_id == run.info.run_id  # opened, as a fit does
-        logger.finalize("failed")
-        assert client.get_run(run.info.run_id).info.status == status
+        logger.end_killed() if end == "killed" else logger.finalize("failed")
+        assert client.get_run(run.info.run_id).info.status == status, (progressed, end)
 
 
 def _fit(*args):

@@ -202,8 +202,8 @@ class ContextCLI(LightningCLI):
             keeper = run_checkpoint(self.trainer)
             saved = keeper.last_good if keeper is not None else None
             for logger in self.trainer.loggers:
-                if isinstance(logger, MLflowLogger) and self.trainer.is_global_zero and logger.run_id:
-                    logger.experiment.set_terminated(logger.run_id, "KILLED")
+                if isinstance(logger, MLflowLogger):
+                    logger.end_killed()
             step = self.trainer.global_step
             if saved:
                 raise Preempted(f"stopped by SIGTERM at step {step}; {saved} holds it: resume with the same command "
