@@ -324,8 +324,12 @@ class RunCheckpoint(ModelCheckpoint):
     # -- preemption: SIGTERM -------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # Lightning stops right after this hook when a SIGTERM came. Inside gradient accumulation that would lose the
-        # step's accumulated gradients (the resume would not be exact): wait for the step boundary.
+        self.hold_sigterm_until_step_boundary(trainer)
+
+    def hold_sigterm_until_step_boundary(self, trainer) -> None:
+        """Lightning stops right after ``on_train_batch_end`` when a SIGTERM came. Inside gradient accumulation that
+        would lose the step's accumulated gradients (the resume would not be exact): hide the signal from Lightning
+        until the batch that completes the optimizer step."""
         connector = trainer._signal_connector
         accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
         if connector.received_sigterm and accumulating:

@@ -186,3 +186,24 @@ def test_a_refused_resume_leaves_the_finished_run_alone(tiny_dirs, jsonl_file, m
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] is not None
+
+
+def test_sigterm_inside_gradient_accumulation_waits_for_the_step_boundary():
+    """A SIGTERM during the first of 3 accumulated micro-batches reaches Lightning (which stops after the hook) only
+    after the third, so the step's gradients are applied and the checkpoint is a step boundary."""
+    from types import SimpleNamespace
+
+    from lightning_ctx.checkpointing import RunCheckpoint
+
+    keeper = RunCheckpoint()
+    # the last micro-batch of step 1 (a step boundary), then micro-batches 1-3 of step 2 (the 3rd completes it)
+    accumulating = iter([False, True, True, False])
+    connector = SimpleNamespace(received_sigterm=False)
+    epoch_loop = SimpleNamespace(_should_accumulate=lambda: next(accumulating))
+    trainer = SimpleNamespace(_signal_connector=connector, fit_loop=SimpleNamespace(epoch_loop=epoch_loop))
+    seen = []
+    for signal_now in (False, True, False, False):  # the signal arrives during the 1st micro-batch of step 2
+        connector.received_sigterm = connector.received_sigterm or signal_now
+        keeper.hold_sigterm_until_step_boundary(trainer)
+        seen.append(connector.received_sigterm)
+    assert seen == [False, False, False, True]
