@@ -83,6 +83,7 @@ class RunIdentity:
     experiment: Optional[str] = None
     tracking_uri: Optional[str] = None
     started: Optional[str] = None
+    seed: Optional[int] = None  # seed_everything's seed: runs of one name that differ in seed are different runs
 
     @classmethod
     def of(cls, trainer) -> RunIdentity:
@@ -99,10 +100,12 @@ class RunIdentity:
                 return cls(logger.run_id, logger._run_name, name, logger._experiment_name, logger._tracking_uri)
         return cls()
 
-    def matches(self, run_name: Optional[str], experiment: Optional[str]) -> bool:
-        """Whether a command configured with ``run_name`` and ``experiment`` continues this run."""
+    def matches(self, run_name: Optional[str], experiment: Optional[str], seed: Optional[int] = None) -> bool:
+        """Whether a command configured with ``run_name``, ``experiment`` and ``seed`` continues this run (a value
+        that is None on either side does not count)."""
         same_name = run_name == self.run_name or (run_name is not None and run_name == self.mlflow_run_name)
-        return same_name and (experiment is None or self.experiment is None or experiment == self.experiment)
+        return (same_name and (experiment is None or self.experiment is None or experiment == self.experiment)
+                and (seed is None or self.seed is None or seed == self.seed))
 
     def describe(self) -> str:
         name = self.run_name or self.mlflow_run_name
@@ -141,9 +144,10 @@ class Resumable:
     legacy: Optional[Path] = None  # a last.ckpt directly in the folder (written before per-run folders)
 
 
-def find_resumable(root: str | os.PathLike, run_name: Optional[str], experiment: Optional[str]) -> Resumable:
+def find_resumable(root: str | os.PathLike, run_name: Optional[str], experiment: Optional[str],
+                   seed: Optional[int] = None) -> Resumable:
     """The ``last.ckpt`` that ``--ckpt_path last`` resumes: of the runs under ``root`` with this run name (None: runs
-    whose name MLflow chose) and experiment, the one whose ``last.ckpt`` is newest."""
+    whose name MLflow chose), experiment and seed (None: any), the one whose ``last.ckpt`` is newest."""
     root = Path(root)
     legacy = root / LAST
     found = []
@@ -151,7 +155,7 @@ def find_resumable(root: str | os.PathLike, run_name: Optional[str], experiment:
         for folder in root.iterdir():
             last = folder / LAST
             identity = read_run_info(folder) if last.is_file() else None
-            if identity is not None and identity.matches(run_name, experiment):
+            if identity is not None and identity.matches(run_name, experiment, seed):
                 found.append((last.stat().st_mtime, last, identity))
     found.sort(key=lambda t: t[0], reverse=True)
     if not found:
@@ -278,6 +282,8 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and stage == "fit" and self.dirpath is None:
             self.identity = RunIdentity.of(trainer)
             self.identity.started = f"{datetime.datetime.now():%Y-%m-%dT%H:%M:%S}"
+            seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
+            self.identity.seed = int(seed) if seed is not None and seed.lstrip("-").isdigit() else None
             root = checkpoint_root(self.root, trainer.default_root_dir)
             folder = root / run_folder_name(self.identity)
             resumed = Path(self.resume_folder) if self.resume_folder else None

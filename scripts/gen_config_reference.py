@@ -297,7 +297,7 @@ def render() -> str:
         "Lightning's `ModelCheckpoint` with resume-friendly defaults (every N steps plus `last.ckpt`), in a folder "
         "per run: `<checkpoint.dirpath>/<MLflow run id>/` (`dirpath: null` = "
         "`<trainer.default_root_dir>/checkpoints`); "
-        "`--ckpt_path last` resumes the newest run of the same run name and experiment, and its MLflow run; a "
+        "`--ckpt_path last` resumes the newest run of the same run name, experiment and seed, and its MLflow run; a "
         "SIGTERM saves `last.ckpt` at the next step boundary (see [reliability.md](reliability.md)).",
         "",
         *_table("checkpoint.", base["checkpoint"], {}, fallback="see Lightning's `ModelCheckpoint`"),

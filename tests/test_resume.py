@@ -20,12 +20,12 @@ def _checkpoint(path: Path, step=3, **extra) -> Path:
     return path
 
 
-def _run_folder(root: Path, run_id: str, run_name, experiment="lightning-ctx", age=0.0) -> Path:
+def _run_folder(root: Path, run_id: str, run_name, experiment="lightning-ctx", age=0.0, seed=None) -> Path:
     import os
 
     last = _checkpoint(root / run_id / "last.ckpt", **{RUN_KEY: {"run_id": run_id, "run_name": run_name}})
     (root / run_id / RUN_INFO).write_text(json.dumps({"run_id": run_id, "run_name": run_name,
-                                                      "experiment": experiment}))
+                                                      "experiment": experiment, "seed": seed}))
     os.utime(last, (1e9 + age, 1e9 + age))
     return last
 
@@ -39,6 +39,10 @@ def test_last_is_the_newest_checkpoint_of_the_same_run_name_and_experiment(tmp_p
     assert found.path == a_new and found.others == [a_old] and found.identity.run_id == "a2"
     assert find_resumable(tmp_path, "B", "lightning-ctx").path == tmp_path / "b" / "last.ckpt"
     assert find_resumable(tmp_path, "nobody", None).path is None
+    s1 = _run_folder(tmp_path, "s1", "sweep", seed=1, age=5)  # a seed sweep under one run name: each its own run
+    _run_folder(tmp_path, "s2", "sweep", seed=2, age=6)
+    assert find_resumable(tmp_path, "sweep", None, seed=1).path == s1
+    assert find_resumable(tmp_path, "sweep", None).path == tmp_path / "s2" / "last.ckpt"  # seed unknown: newest
     _checkpoint(tmp_path / "last.ckpt")  # written before per-run folders: not taken, but named
     assert find_resumable(tmp_path, "nobody", None).legacy == tmp_path / "last.ckpt"
 

@@ -1,6 +1,6 @@
 """``--ckpt_path``: which checkpoint, which run it continues, and which of this command's ``--model.*`` values apply.
 
-* ``last`` is the newest ``last.ckpt`` of this command's run (same run name and experiment) under the checkpoint
+* ``last`` is the newest ``last.ckpt`` of this command's run (same run name, experiment and seed) under the checkpoint
   folder (:func:`lightning_ctx.checkpointing.find_resumable`); the path is fixed here once, so Lightning restores the
   very checkpoint whose MLflow run is continued. Nothing to resume: a new run starts, as Lightning does.
 * A file is checked before anything is built: a folder, an empty, truncated or foreign file is one line naming it.
@@ -78,8 +78,11 @@ def resolve_ckpt_path(cfg, subcommand: str) -> Optional[Path]:
     checkpoint = cfg.get("checkpoint") or {}
     root = checkpoint_root(checkpoint.get("dirpath"), trainer.get("default_root_dir"))
     run_name, experiment = configured_run(cfg)
-    found = find_resumable(root, run_name, experiment)
-    who = f"run '{run_name}'" if run_name else "a run without a run name"
+    seed = cfg.get("seed_everything")
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None  # true: a random seed, not known yet
+    found = find_resumable(root, run_name, experiment, seed)
+    who = (f"run '{run_name}'" if run_name else "a run without a run name") + (f" with seed {seed}" if seed is not None
+                                                                              else "")
     if found.path is None:
         legacy = (f"; {found.legacy} was written before checkpoints had a folder per run: resume it with "
                   f"--ckpt_path {found.legacy}" if found.legacy else "")
