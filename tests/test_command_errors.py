@@ -88,7 +88,8 @@ def test_errors_while_the_data_is_built_are_one_line(tmp_path, mlflow_uri, capsy
     prompt.write_text("Be a doctor.")
     line = _one_line(capsys, lambda: _fit(*mcqa, "--data.task.system_prompt", "x", "--data.task.system_prompt_file",
                                           str(prompt)))
-    assert "not both" in line
+    assert ("field 'data.task.system_prompt': give data.task.system_prompt or data.task.system_prompt_file, not both"
+            in line)
     line = _one_line(capsys, lambda: _fit("--data.task", "lightning_ctx.tasks.safety.SafetyTask",
                                           "--data.task.system_prompt", "s", "--data.task.fields", '{"bogus": "x"}'))
     assert "fields" in line and "bogus" in line

@@ -218,15 +218,18 @@ def convert_rows(rows: Iterable[tuple[int, Any]] | Iterable[Any], system_prompt:
     return out
 
 
-def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: Optional[str | Path] = None) -> str:
-    """The context text: ``system_prompt``, else the file's content (stripped), else the default."""
+def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: Optional[str | Path] = None,
+                       knobs: tuple[str, str] = ("system_prompt", "system_prompt_file")) -> str:
+    """The context text: ``system_prompt``, else the file's content (stripped), else the default. ``knobs``: the two
+    names an error gives (``data.task.*`` in a config, ``--system-prompt*`` for the converter)."""
+    text_knob, file_knob = knobs
     if system_prompt is not None and system_prompt_file is not None:
-        raise DataError("give system_prompt or system_prompt_file, not both", field="system_prompt")
+        raise DataError(f"give {text_knob} or {file_knob}, not both", field=text_knob)
     if system_prompt_file is not None:
         p = Path(system_prompt_file)
-        text = read_text(p, field="system_prompt_file").strip()
+        text = read_text(p, field=file_knob).strip()
         if not text:
-            raise DataError("system prompt file is empty", path=p, field="system_prompt_file")
+            raise DataError("system prompt file is empty", path=p, field=file_knob)
         return text
     return MEDICAL_SYSTEM_PROMPT if system_prompt is None else system_prompt
 
@@ -252,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         check_output_file(args.output, "output")
-        system_prompt = read_system_prompt(args.system_prompt, args.system_prompt_file)
+        system_prompt = read_system_prompt(args.system_prompt, args.system_prompt_file,
+                                           ("--system-prompt", "--system-prompt-file"))
         rows = read_rows(args.input)
         records = convert_rows(rows, system_prompt, cop_base=args.cop_base, skip_unanswered=args.skip_unanswered,
                                id_prefix=args.id_prefix, path=args.input)
