@@ -221,11 +221,6 @@ def checkpoint_identity(ckpt: dict) -> RunIdentity:
     return RunIdentity(run_id=ckpt.get(MLFLOW_RUN_KEY))
 
 
-def read_mlflow_run_id(ckpt_path: str | os.PathLike) -> Optional[str]:
-    """The MLflow run a checkpoint belongs to (safe load: tensors and primitives only)."""
-    return checkpoint_identity(load_checkpoint_meta(ckpt_path)).run_id
-
-
 # -- writing --------------------------------------------------------------------------------------------------------
 
 

@@ -300,7 +300,9 @@ def render() -> str:
         "`--ckpt_path last` resumes the newest run of the same run name, experiment and seed, and its MLflow run; a "
         "SIGTERM saves `last.ckpt` at the next step boundary (see [reliability.md](reliability.md)).",
         "",
-        *_table("checkpoint.", base["checkpoint"], {}, fallback="see Lightning's `ModelCheckpoint`"),
+        *_table("checkpoint.", base["checkpoint"],
+                {"dirpath": "the folder holding the run folders (`null`: `<trainer.default_root_dir>/checkpoints`)"},
+                fallback="see Lightning's `ModelCheckpoint`"),
         "",
         f"## `export.*`: `{EXPORT}`",
         "",
