@@ -206,12 +206,11 @@ class ContextCLI(LightningCLI):
                     logger.end_killed()
             step = self.trainer.global_step
             if saved:
-                raise Preempted(f"stopped by SIGTERM at step {step}; {saved} holds it: resume with the same command "
-                                "plus --ckpt_path last") from None
+                raise Preempted(f"SIGTERM at step {step}; {saved} holds it: resume with the same command plus "
+                                "--ckpt_path last") from None
             why = ("trainer.enable_checkpointing is false" if keeper is None
                    else "the weights were not finite" if keeper.nonfinite_at is not None else "nothing was written")
-            raise Preempted(f"stopped by SIGTERM at step {step}; no checkpoint ({why}), so the run cannot be "
-                            "resumed") from None
+            raise Preempted(f"SIGTERM at step {step}; no checkpoint ({why}), so the run cannot be resumed") from None
 
     def before_validate(self) -> None:
         self._prepare()
