@@ -1,8 +1,8 @@
 """Writing files: never half-written, and a folder or file in the way found before the work starts.
 
-Every file this package writes (checkpoints, exported models, ``compare`` outputs, converted data, experience files,
-the artifacts it copies into a local MLflow store) goes to a temporary file beside its target, is flushed to disk, and
-only then replaces the target (``os.replace``: atomic within one filesystem). A full disk or a kill mid-write leaves the
+The files this package writes for a user to keep (checkpoints, exported models, ``compare`` outputs, converted data,
+experience files, evaluation tables) go to a temporary file beside their target, are flushed to disk, and only then
+replace the target (``os.replace``: atomic within one filesystem). A full disk or a kill mid-write leaves the
 previous file (or none), never a truncated one; the temporary file is removed. A failed write raises
 :class:`~lightning_ctx.errors.WriteError` naming the path and the reason, which the commands print as one line.
 
@@ -82,21 +82,6 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_file(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     return Path(path)
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
-def copy_file(src: str | Path, dest: str | Path) -> Path:
-    """``shutil.copy2(src, dest)`` (``dest`` a file path), atomically."""
-    with open(src, "rb") as fin, atomic_file(dest, "wb") as fout:
-        shutil.copyfileobj(fin, fout)
-    with contextlib.suppress(OSError):
-        shutil.copystat(src, dest)
-    return Path(dest)
 
 
 @contextlib.contextmanager
