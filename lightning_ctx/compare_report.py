@@ -26,6 +26,7 @@ from lightning_ctx.compare import (
 )
 from lightning_ctx.eval.intervals import DEFAULT_RESAMPLES
 from lightning_ctx.tracking import open_store
+from lightning_ctx.writing import atomic_file, check_output_dir, write_text
 
 #: The per-example table each evaluation callback uploads per step: file -> (registry name, rows, retention rows).
 TABLE_FILES = {"examples.json": ("removability", "examples", "retention_examples"),
@@ -73,7 +74,8 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     bars = "95% interval over items" if intervals else "std over seeds"
     axes[0].set_title(f"{result['metric_prefix']}* (final), mean over seeds; bars: {bars}")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png")
     return Path(path)
 
 
@@ -82,7 +84,6 @@ def write_compare_outputs(result: dict[str, Any], out_dir: str | Path, header_li
     import csv
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = format_compare_table(result)
     lines = summary_lines(result)
     md = ["# Context-removability comparison", "", *header_lines, "", table, "",
@@ -92,8 +93,8 @@ def write_compare_outputs(result: dict[str, Any], out_dir: str | Path, header_li
             key = ", ".join(f"{g}={short_label(v)}" for g, v in c["key"].items())
             md.append(f"- {key}, {method}: " + ", ".join(f"`{r}` (seed {s})" for r, s in zip(data["runs"],
                                                                                           data["seeds"])))
-    (out / "compare.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
+    write_text(out / "compare.md", "\n".join(md) + "\n")
+    with atomic_file(out / "compare.csv", "w", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(list(result["group_by"]) + ["method", "runs"]
                    + [f"{m}_{s}" for m in result["metrics"] for s in ("mean", "std", "n", "lo", "hi")])
@@ -113,7 +114,7 @@ def write_compare_outputs(result: dict[str, Any], out_dir: str | Path, header_li
             return [_json_safe(v) for v in x]
         return x
 
-    (out / "compare.json").write_text(json.dumps(_json_safe(result), indent=1), encoding="utf-8")
+    write_text(out / "compare.json", json.dumps(_json_safe(result), indent=1))
     plot_compare(result, out / "compare.png")
     return {"markdown": out / "compare.md", "csv": out / "compare.csv", "json": out / "compare.json",
             "png": out / "compare.png"}
@@ -259,7 +260,8 @@ def compare_main(argv: list[str]) -> int:
 
     args = build_compare_parser().parse_args(argv)
     err = lambda msg: print(f"lightning-ctx compare: {msg}", file=sys.stderr)  # noqa: E731
-    uri = open_store(args.tracking_uri)  # a moved store re-rooted (lightning_ctx.store)
+    check_output_dir(args.out_dir, "--out-dir")  # before the query, not after it
+    uri = open_store(args.tracking_uri, must_exist=True)  # a mistyped path is no empty store; a moved one re-rooted
     group_by = _split_list([args.group_by])
     metrics = _split_list([args.metrics]) if args.metrics is not None else None
     if metrics is not None and not metrics:
@@ -336,7 +338,8 @@ def compare_main(argv: list[str]) -> int:
         f"mean of the {args.best_k} best evaluation steps (from step {args.best_min_step}"
         + (f", chosen by {args.best_by}" if args.best_by else ", each metric its own") + ") of")
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
-              f"method from {_method_source(args.method_key)}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
+              f"method from {_method_source(args.method_key)}; {which} {args.metric_prefix}* metrics, mean ± std "
+              "over seeds."]
     if result["n_with_tables"]:
         header.append(f"[lo, hi]: 95% bootstrap interval over items ({result['n_with_tables']} of {result['n_runs']} "
                       "runs have their final per-example table); Δ rows: the paired interval of the difference "

@@ -4,6 +4,8 @@
   allows it (a warnings filter or a logging filter, never a global switch):
 
   - Lightning's "Found N module(s) in eval mode at the start of training": the teacher is frozen on purpose;
+  - Lightning's "Checkpoint directory ... exists and is not empty": each run writes to a folder of its own, so a
+    non-empty one holds the same run's checkpoints (a resumed run);
   - torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated", raised inside Lightning's own pytree code;
   - Lightning's "Tip: ... try installing [litlogger]" advertisement (runs are tracked in MLflow), and its note that a
     model summary callback is already configured (ours, :class:`CompactModelSummary`);
@@ -87,6 +89,8 @@ def quiet_third_party() -> None:
     """Install the filters above (again on every call: a caller may have reset the warning filters)."""
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # every run has a checkpoint folder of its own (lightning_ctx.checkpointing): a non-empty one is its own resumed
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # the tip, and the note that our one-line CompactModelSummary replaces Lightning's default table
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropMessages) for f in rank_zero.filters):

@@ -27,3 +27,15 @@ class ConfigError(DataError):
 
 class ModelError(ValueError):
     """A user-fixable problem with a model or tokenizer (path, vocab, pad token, quantizable shapes)."""
+
+
+class WriteError(Exception):
+    """A file could not be written (full disk, no permission, a folder in the way). Nothing half-written is left at
+    ``path``: writes go to a temporary file that replaces it only when complete (:mod:`lightning_ctx.writing`)."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str = ""):
+        super().__init__(f"cannot write {path}: {reason}" + (f"; {hint}" if hint else ""))
+        self.path, self.reason, self.hint = Path(path), reason, hint
+
+    def with_hint(self, hint: str) -> WriteError:
+        return WriteError(self.path, self.reason, hint)

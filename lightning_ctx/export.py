@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_ctx.errors import ModelError
+from lightning_ctx.errors import ModelError, WriteError
+from lightning_ctx.writing import atomic_dir, os_reason, write_text
 
 MODEL_ARTIFACT = "model"  # the run's artifact folder holding the export
 EXPORT_INFO = "lightning_ctx_export.json"  # what the folder was made from (run, step, merged or adapter, base)
@@ -76,21 +77,26 @@ def check_export_dir(out_dir: str | os.PathLike, knob: str = "--out") -> Path:
 def save_student(student, tokenizer, out_dir: str | os.PathLike, *, adapter_only: bool = False,
                  info: Optional[dict[str, Any]] = None) -> Path:
     """Write ``student`` (merged when it carries a LoRA adapter, or the adapter alone) and ``tokenizer`` (with its chat
-    template) to ``out_dir`` as a ``save_pretrained`` folder; ``info`` goes to ``lightning_ctx_export.json``."""
+    template) to ``out_dir`` as a ``save_pretrained`` folder; ``info`` goes to ``lightning_ctx_export.json``. The
+    folder is filled beside ``out_dir`` and takes its place when complete (:func:`lightning_ctx.writing.atomic_dir`):
+    a full disk leaves the earlier export, never half of one."""
     out = check_export_dir(out_dir)
     if adapter_only and not is_lora(student):
         raise ModelError("export: --adapter-only needs a LoRA student (model.lora); this one was fully fine-tuned")
-    out.mkdir(parents=True, exist_ok=True)
-    if adapter_only:
-        student.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json naming the base
-    elif is_lora(student):
-        base = student.get_base_model()
-        base.save_pretrained(out, state_dict=merged_lora_state_dict(student))
-    else:
-        student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    meta = {"format": "peft adapter" if adapter_only else "merged" if is_lora(student) else "full", **(info or {})}
-    (out / EXPORT_INFO).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+    with atomic_dir(out) as tmp:
+        try:
+            if adapter_only:
+                student.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json naming the base
+            elif is_lora(student):
+                base = student.get_base_model()
+                base.save_pretrained(tmp, state_dict=merged_lora_state_dict(student))
+            else:
+                student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except OSError as err:  # a full disk inside save_pretrained: one line naming the export folder
+            raise WriteError(out, os_reason(err)) from None
+        meta = {"format": "peft adapter" if adapter_only else "merged" if is_lora(student) else "full", **(info or {})}
+        write_text(tmp / EXPORT_INFO, json.dumps(meta, indent=1, default=str) + "\n")
     return out
 
 
@@ -100,13 +106,11 @@ def student_from_checkpoint(ckpt_path: str | os.PathLike, student: Optional[str]
     The student is rebuilt from its source (``model.student`` of the checkpoint, or ``student`` when that folder has
     moved), wrapped in the same LoRA adapter when there was one, and the checkpoint's student weights are loaded.
     """
-    from lightning_ctx.checkpointing import MLFLOW_RUN_KEY
+    from lightning_ctx.checkpointing import MLFLOW_RUN_KEY, load_checkpoint_meta
     from lightning_ctx.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise ModelError(f"{path}: checkpoint does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = load_checkpoint_meta(path, knob="ckpt")  # a folder, an empty or damaged file: one line naming it
     hp = ckpt.get("hyper_parameters") or {}
     source = student or hp.get("student")
     if not source:
@@ -268,7 +272,7 @@ def export_main(argv: Optional[list[str]] = None) -> int:
     from lightning_ctx.tracking import open_store
 
     args = build_export_parser().parse_args(argv)
-    uri = open_store(args.tracking_uri)
+    uri = open_store(args.tracking_uri, must_exist=bool(args.run_id))
     client = MlflowClient(uri)
     ckpt, run_id = args.ckpt, args.run_id
     if run_id:

@@ -24,7 +24,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
+from lightning_ctx.checkpointing import (
+    add_run_state,
+    restore_rng_states,
+    rng_states_for_rank,
+    run_checkpoint,
+    save_beside_checkpoints,
+    weights_are_finite,
+)
 from lightning_ctx.data.batches import ContextPairBatch
 from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
@@ -42,17 +49,31 @@ ROLLOUT = "rollout"  # what a non-finite step names when the student's sampling 
 
 
 def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str],
-                      names: Sequence[str]) -> str:
+                      names: Sequence[str], weights_finite: bool = True, last_good: Optional[str] = None,
+                      lr: Optional[float] = None) -> str:
+    """The one line a non-finite step stops with: what was non-finite, and a way out that does not come back here.
+
+    With finite weights the state before the step is saved and resuming it with ``on_nonfinite=skip`` skips such
+    steps. With NaN/inf weights (an earlier update diverged) skipping cannot help and that state is not saved: the way
+    out is the last good checkpoint with a lower learning rate.
+    """
     values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names if k in terms)
     if bad == ROLLOUT:
-        what = "the student's next-token probabilities while sampling the rollout (the weights have diverged)"
+        what = "the student's next-token probabilities while sampling the rollout"
     elif bad:
         what = f"term '{bad}' = {terms[bad].item()} ({values})"
     else:
         what = f"on another rank (this rank's: {values or 'its rollout failed'})"
-    return (f"non-finite loss at step {step}: {what}"
-            + (f"; state before this step saved to {saved}" if saved else "")
-            + "; set model.on_nonfinite=skip to skip such steps instead")
+    lower = f" --model.lr {lr / 10:.3g}" if lr else " and a lower --model.lr"
+    if not weights_finite:
+        way_out = (f"resume from the last good checkpoint with a lower learning rate: --ckpt_path {last_good}{lower}"
+                   if last_good else f"no good checkpoint was written; start again with a lower learning rate "
+                   f"({lower.strip()})")
+        return (f"non-finite loss at step {step}: {what}; the student's weights themselves are NaN/inf (an earlier "
+                f"update diverged), so skipping steps cannot recover: {way_out}")
+    way_out = (f"state before this step saved to {saved}; to skip such steps, resume it with --ckpt_path {saved} "
+               "--model.on_nonfinite skip" if saved else "set model.on_nonfinite=skip to skip such steps")
+    return f"non-finite loss at step {step}: {what}; {way_out} (or lower model.lr)"
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -141,6 +162,13 @@ class OnPolicyDistillation(pl.LightningModule):
         above("lr", 0), at_least("weight_decay", 0), at_least("warmup_steps", 0), within("min_lr_ratio", 0, 1),
         one_of("dtype", sorted(DTYPES)), one_of("teacher_dtype", sorted(DTYPES)),
     )
+
+    #: Knobs a resumed run may change (``fit --ckpt_path ... --model.lr X``): the learning rate, the loss weights, what
+    #: a non-finite step does, and knobs that change memory or speed only. Any other difference from the checkpoint's
+    #: hyperparameters is refused (lightning_ctx/cli/resume.py).
+    RESUME_ADJUSTABLE = frozenset({"lr", "opd_weight", "anchor_weight", "retain_weight", "on_nonfinite",
+                                   "rollout_engine", "rollout_warmup", "chunk_size", "auto_chunk", "auto_chunk_mib",
+                                   "gradient_checkpointing"})
 
     def __init__(
         self,
@@ -340,7 +368,9 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def _nonfinite_step(self, trainer, bad: Optional[str], terms: dict[str, torch.Tensor]):
         step = self.global_step
-        if self.hparams.on_nonfinite == "skip":
+        finite = (weights_are_finite(trainer, self) if trainer is not None
+                  else all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.requires_grad))
+        if self.hparams.on_nonfinite == "skip" and finite:
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
             if trainer is not None and trainer.world_size > 1:
@@ -349,8 +379,13 @@ class OnPolicyDistillation(pl.LightningModule):
                 # optimizer skips it as it does for None in one process.
                 return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
             return None  # Lightning skips backward and the optimizer step
-        saved = save_beside_checkpoints(trainer, f"nonfinite-step{step:06d}.ckpt") if trainer else None
-        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved, self.step_tokens.names[:-2]))
+        # NaN/inf weights (an earlier update diverged): skipping would skip every step from here on, and saving this
+        # state would only hand the NaNs to the next run; stop and point at the last good checkpoint instead.
+        saved = save_beside_checkpoints(trainer, f"nonfinite-step{step:06d}.ckpt") if trainer and finite else None
+        keeper = run_checkpoint(trainer) if trainer is not None else None
+        raise NonFiniteLossError(nonfinite_message(step, bad, terms, saved, self.step_tokens.names[:-2], finite,
+                                                   keeper.last_good if keeper is not None else None,
+                                                   self.hparams.lr))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Per-token sums -> the step's per-token mean (before Lightning clips); logs the step's exact terms."""
@@ -417,7 +452,9 @@ class OnPolicyDistillation(pl.LightningModule):
 
     # -- checkpoints hold the student; the teacher comes back from its source ----------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        add_run_state(checkpoint, self.skipped_steps, self.loggers if self._trainer is not None else [])
+        keeper = run_checkpoint(self.trainer) if self._trainer is not None else None
+        add_run_state(checkpoint, self.skipped_steps, self.loggers if self._trainer is not None else [],
+                      keeper.identity if keeper is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
@@ -433,6 +470,20 @@ class OnPolicyDistillation(pl.LightningModule):
         if states is not None:
             restore_rng_states(states)
             self._pending_rng_states = None
+        self._apply_learning_rate()
+
+    def _apply_learning_rate(self) -> None:
+        """``model.lr`` over the learning rate a resumed optimizer and schedule restored (a resume may change it:
+        ``lightning-ctx fit --ckpt_path ... --model.lr X``); the schedule's position stays the checkpoint's."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            base = getattr(scheduler, "base_lrs", None)
+            if base is None or all(b == self.hparams.lr for b in base) or not hasattr(scheduler, "lr_lambdas"):
+                continue
+            scheduler.base_lrs = [self.hparams.lr] * len(base)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = self.hparams.lr
+                group["lr"] = self.hparams.lr * factor(scheduler.last_epoch)
 
     # -- fit start: rank-decorrelated sampling, rollout warm-up ------------------------------------
     def on_fit_start(self) -> None:

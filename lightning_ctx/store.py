@@ -62,6 +62,13 @@ def reroot_artifacts(uri: str) -> int:
     db = sqlite_path(uri)
     if db is None or not db.is_file():
         return 0
+    try:
+        return _reroot(db)
+    except sqlite3.OperationalError:  # a read-only store (only read here, e.g. by compare) is left as it is
+        return 0
+
+
+def _reroot(db: Path) -> int:
     store = db.parent
     with sqlite3.connect(db, timeout=30) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

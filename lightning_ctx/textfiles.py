@@ -50,7 +50,31 @@ def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
         if not raw.strip():
             continue  # blank lines (e.g. a trailing newline) are harmless
         try:
-            rows.append((lineno, json.loads(raw)))
+            value = json.loads(raw)
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path=path, line=lineno) from None
+        if "\\u" in raw:  # only an escape can make a lone surrogate (the file itself is valid UTF-8)
+            bad = _lone_surrogate(value)
+            if bad is not None:
+                raise DataError(f"a string holds {bad}, half of a UTF-16 surrogate pair, which is not text (no "
+                                "tokenizer can encode it); write the character itself, or its full pair",
+                                path=path, line=lineno)
+        rows.append((lineno, value))
     return rows
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (as ``\\udXXX``) in the strings of a parsed JSON value, or None."""
+    if isinstance(value, str):
+        for ch in value:
+            if 0xD800 <= ord(ch) <= 0xDFFF:
+                return f"\\u{ord(ch):04x}"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if isinstance(value, dict):
+        items = [*value.keys(), *items]
+    for item in items:
+        bad = _lone_surrogate(item)
+        if bad is not None:
+            return bad
+    return None

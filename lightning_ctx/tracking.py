@@ -11,8 +11,11 @@ warns when the compared runs differ in them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,20 +54,137 @@ def version_tags() -> dict[str, str]:
     return {f"{VERSION_TAG_PREFIX}{k}": v for k, v in installed_versions().items()}
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable, read-only, a kind MLflow refuses); raised before any training
+    starts."""
+
+
 def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
     """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<abs>/mlruns/mlflow.db`` (the folder is created)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     store = Path(store_dir).resolve()
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrackingError(f"cannot create the MLflow store folder {store} ({err.strerror}); run from a writable "
+                            "folder or set MLFLOW_TRACKING_URI=sqlite:////a/writable/path/mlflow.db") from None
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-def open_store(uri: Optional[str] = None) -> str:
-    """The tracking URI to use (``uri``, else :func:`default_tracking_uri`), with the artifact locations of a moved or
-    copied SQLite store pointed at its folder (:func:`lightning_ctx.store.reroot_artifacts`)."""
+def check_store_kind(uri: str) -> None:
+    """MLflow 3 refuses its file store (a folder path or ``file://``) unless ``MLFLOW_ALLOW_FILE_STORE`` is set: say
+    what to use instead, before MLflow fails deep inside a logger."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if (scheme in ("", "file") or len(scheme) == 1) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
+            "1", "true"):
+        folder = Path(urlparse(uri).path if scheme == "file" else uri).expanduser().resolve()
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri} is MLflow's file store, which MLflow 3 no longer opens; use "
+                            f"a SQLite store: MLFLOW_TRACKING_URI=sqlite:///{folder / 'mlflow.db'} (or unset it for "
+                            "./mlruns/mlflow.db); an existing file store converts with `mlflow migrate-filestore`")
+
+
+def _schema_is_current(db: Path) -> bool:
+    """Whether the SQLite file ``db`` holds MLflow's schema at this MLflow's revision (read-only look)."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+            rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error:
+        return False
+    return [r[0] for r in rows] == [_latest_schema_revision()]
+
+
+@functools.lru_cache(maxsize=1)
+def _latest_schema_revision() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def prepare_store(uri: str) -> None:
+    """Make a new SQLite store ready before MLflow opens it: two processes creating the same store at once would both
+    run MLflow's schema migrations and one would crash; here the first creates it under a file lock
+    (``mlflow.db.lock`` beside it) and the others wait. Also :func:`check_store_kind`."""
+    import fcntl
+
+    from lightning_ctx.store import sqlite_path
+
+    check_store_kind(uri)
+    db = sqlite_path(uri)
+    if db is None or _schema_is_current(db):
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 - held for the block below
+    except OSError as err:
+        raise TrackingError(f"cannot create the MLflow store {db} ({err.strerror}); point MLFLOW_TRACKING_URI at a "
+                            "writable folder") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _schema_is_current(db):
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)  # the store's constructor creates the schema
+            except MlflowException as err:
+                raise TrackingError(f"cannot open the MLflow store {db}: {' '.join(str(err).split())}") from None
+
+
+def check_store_writable(uri: str) -> None:
+    """A SQLite store a run is about to be written to must be writable (checked with a write lock that is released
+    at once), else one :class:`TrackingError` instead of MLflow's traceback at the first write."""
+    import sqlite3
+
+    from lightning_ctx.store import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return
+    problem = None
+    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
+        problem = "no write permission"
+    else:
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+        except sqlite3.OperationalError as err:
+            problem = str(err)
+    if problem:
+        raise TrackingError(f"the MLflow store {db} is read-only ({problem}), so no run can be recorded there; point "
+                            "MLFLOW_TRACKING_URI at a writable store (a copy of this folder works: lightning-ctx "
+                            "re-roots moved stores), or unset it for ./mlruns/mlflow.db")
+
+
+def check_store_exists(uri: str, knob: str = "--tracking-uri") -> None:
+    """For commands that only read runs: a SQLite store that does not exist is a mistyped path (MLflow would create
+    an empty store there and report no runs)."""
+    from lightning_ctx.store import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"{knob}: no MLflow store at {db} (the file does not exist); check the path, or the "
+                            "folder you run from (the default store is ./mlruns/mlflow.db)")
+
+
+def open_store(uri: Optional[str] = None, *, must_exist: bool = False, knob: str = "--tracking-uri") -> str:
+    """The tracking URI to use (``uri``, else :func:`default_tracking_uri`), checked (a server that does not answer,
+    a store kind MLflow refuses, with ``must_exist`` a SQLite file that is not there), made ready
+    (:func:`prepare_store`) and with the artifact locations of a moved or copied SQLite store pointed at its folder
+    (:func:`lightning_ctx.store.reroot_artifacts`)."""
     uri = uri or default_tracking_uri()
+    check_tracking_reachable(uri)
+    if must_exist:
+        check_store_exists(uri, knob)
+    prepare_store(uri)
     reroot_artifacts(uri)
     return uri
 
@@ -90,6 +210,7 @@ class MLflowLogger(MLFlowLogger):
                  artifact_location: Optional[str] = None, run_id: Optional[str] = None,
                  log_model: bool = False, prefix: str = "", synchronous: Optional[bool] = None):
         uri = tracking_uri or default_tracking_uri()
+        prepare_store(uri)  # every rank: MLflow opens the store in each process's logger
         if rank_zero_only.rank == 0:
             reroot_artifacts(uri)  # a moved or copied store: its artifacts stay reachable (lightning_ctx.store)
         tags = {**(tags or {}), **version_tags()}  # a new run gets them at creation (see ``experiment``)
@@ -128,11 +249,28 @@ class MLflowLogger(MLFlowLogger):
             return str(self._store_dir)
         return super().save_dir
 
-    def continue_run(self, run_id: str) -> None:
-        """Log into an existing run (a resumed fit) instead of creating a new one."""
+    def continue_run(self, run_id: str, progressed: Optional[Callable[[], bool]] = None) -> None:
+        """Log into an existing run (a resumed fit) instead of creating a new one. ``progressed``: whether the resumed
+        fit has trained a step; until it has, a failure leaves the run's status as it was (a finished run that fails
+        to resume stays FINISHED, so ``compare`` still finds it)."""
         if self._experiment_id is not None and self._run_id != run_id:
             raise RuntimeError("continue_run must be called before the logger creates its run")
         self._run_id = run_id
+        self._resume_progressed = progressed
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        progressed = getattr(self, "_resume_progressed", None)
+        if status == "failed" and progressed is not None and not progressed():
+            return  # a resume that failed before its first step: the run is left as it was
+        super().finalize(status)
+
+    @rank_zero_only
+    def end_killed(self) -> None:
+        """End the run KILLED (a fit stopped by SIGTERM), unless it is a resume that had not trained a step yet."""
+        progressed = getattr(self, "_resume_progressed", None)
+        if self.run_id and (progressed is None or progressed()):
+            self.experiment.set_terminated(self.run_id, "KILLED")
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -192,10 +330,6 @@ class MLflowConfigCallback(SaveConfigCallback):
                 name = ("config.yaml" if "config.yaml" not in artifacts
                         else f"config_resumed_step{trainer.global_step}.yaml")
                 logger.experiment.log_text(logger.run_id, config_yaml, name)
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached; raised before any training starts."""
 
 
 def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:

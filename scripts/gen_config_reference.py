@@ -71,7 +71,7 @@ TRAINER_KNOBS = {
     "limit_val_batches": "0 turns the validation-loss loop off (the callback still evaluates)",
     "num_sanity_val_steps": "validation batches run before training (0 in the shipped configs)",
     "enable_checkpointing": "false turns the `checkpoint.*` callback off",
-    "default_root_dir": "where checkpoints go (`<default_root_dir>/checkpoints`)",
+    "default_root_dir": "where checkpoints go (`<default_root_dir>/checkpoints/<MLflow run id>/`)",
     "callbacks": "extra callbacks, e.g. the context-removability evaluation above",
 }
 
@@ -294,10 +294,15 @@ def render() -> str:
         "",
         f"## `checkpoint.*`: `{CHECKPOINT}`",
         "",
-        "Lightning's `ModelCheckpoint` with resume-friendly defaults (every N steps plus `last.ckpt`, under "
-        "`<trainer.default_root_dir>/checkpoints`); `--ckpt_path last` resumes the run and its MLflow run.",
+        "Lightning's `ModelCheckpoint` with resume-friendly defaults (every N steps plus `last.ckpt`), in a folder "
+        "per run: `<checkpoint.dirpath>/<MLflow run id>/` (`dirpath: null` = "
+        "`<trainer.default_root_dir>/checkpoints`); "
+        "`--ckpt_path last` resumes the newest run of the same run name, experiment and seed, and its MLflow run; a "
+        "SIGTERM saves `last.ckpt` at the next step boundary (see [reliability.md](reliability.md)).",
         "",
-        *_table("checkpoint.", base["checkpoint"], {}, fallback="see Lightning's `ModelCheckpoint`"),
+        *_table("checkpoint.", base["checkpoint"],
+                {"dirpath": "the folder holding the run folders (`null`: `<trainer.default_root_dir>/checkpoints`)"},
+                fallback="see Lightning's `ModelCheckpoint`"),
         "",
         f"## `export.*`: `{EXPORT}`",
         "",

@@ -58,11 +58,14 @@ def _fits_are_marked_slow(request, monkeypatch):
     """Every test that fits a model is marked ``slow`` (``pytest -m "not slow"`` is the quick subset): a test
     whose ``Trainer.fit`` runs without the mark fails, so the marks cannot drift. Tests that fit in a
     subprocess are marked by hand."""
+    import functools
+
     import lightning.pytorch as pl
 
     real_fit = pl.Trainer.fit
     fitted = []
 
+    @functools.wraps(real_fit)  # the CLI reads fit's parameters (ckpt_path) from its signature
     def fit(self, *args, **kwargs):
         fitted.append(True)
         return real_fit(self, *args, **kwargs)

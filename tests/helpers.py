@@ -26,6 +26,22 @@ def make_records(n, context="ADD2", seed=0, prefix="r"):
     return out
 
 
+def run_checkpoint_dir(root, uri=None):
+    """The checkpoint folder of the one run under ``root`` (``<root>/<MLflow run id>/``; checked against the store's
+    one run when ``uri`` is given)."""
+    from pathlib import Path
+
+    folders = [p for p in Path(root).iterdir() if p.is_dir()]
+    assert len(folders) == 1, f"expected one run folder under {root}: {folders}"
+    if uri is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert folders[0].name == run.info.run_id
+    return folders[0]
+
+
 # ---------------------------------------------------------------- the documentation a user reads
 
 

@@ -135,3 +135,14 @@ def test_every_cited_design_section_is_a_heading():
             if section not in headings:
                 cited.setdefault(section, []).append(str(source.relative_to(REPO)))
     assert not cited, f"cited design-doc sections that are not headings of docs/design.md: {cited}"
+
+
+def test_the_reliability_page_lists_every_exit_status():
+    """docs/reliability.md's table of exit statuses is the CLI's EXIT_CODES, no more and no less."""
+    from lightning_ctx.cli.app import EXIT_CODES
+
+    text = (REPO / "docs" / "reliability.md").read_text()
+    table = text.split("## Exit status", 1)[1]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
+    assert documented == set(EXIT_CODES)
+    assert "docs/reliability.md" in README.read_text()

@@ -17,7 +17,7 @@ from lightning_ctx.errors import ModelError
 from lightning_ctx.export import EXPORT_INFO, MODEL_ARTIFACT, merged_lora_state_dict, save_student
 from lightning_ctx.models.loading import load_tokenizer
 from lightning_ctx.module import OnPolicyDistillation
-from tests.helpers import make_records, perturb
+from tests.helpers import make_records, perturb, run_checkpoint_dir
 
 IDS = torch.tensor([[5, 9, 12, 3, 7, 21, 4], [8, 2, 2, 17, 30, 6, 11]])
 MESSAGES = [{"role": "system", "content": "ADD2"}, {"role": "user", "content": "1 2 3"}]
@@ -111,7 +111,7 @@ def test_export_from_checkpoint_and_run_id(tiny_dirs, jsonl_file, mlflow_uri, tm
     main(_fit_args(tiny_dirs["qwen2"], train, tmp_path / "root"))
     run = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name(
         "lightning-ctx").experiment_id])[0]
-    last = tmp_path / "root" / "checkpoints" / "last.ckpt"
+    last = run_checkpoint_dir(tmp_path / "root" / "checkpoints", mlflow_uri) / "last.ckpt"
     assert run.data.tags["checkpoint.last"] == str(last.resolve())  # the run knows its checkpoint
     # checkpointing on: no second copy of the model in MLflow unless asked
     assert MODEL_ARTIFACT not in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id)}

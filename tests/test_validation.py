@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from lightning_ctx.cli import main
 from lightning_ctx.models.loading import load_tokenizer
 from lightning_ctx.module import OnPolicyDistillation
-from tests.helpers import make_records
+from tests.helpers import make_records, run_checkpoint_dir
 
 GOOD = json.dumps({"id": "a", "context": "ADD2", "prompt": "1 2 3", "answer": "1 2 3"})
 
@@ -140,7 +140,11 @@ def poison_step(monkeypatch):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_checkpoint(tiny_dirs, jsonl_file, mlflow_uri, capsys, poison_step):
+def test_nonfinite_loss_stops_with_checkpoint_and_its_advice_resumes(tiny_dirs, jsonl_file, mlflow_uri, capsys,
+                                                                    caplog, poison_step):
+    """A non-finite loss stops with the state before the step saved, and the command the line advises (that
+    checkpoint with --model.on_nonfinite skip) gets past it: the resume applies the changed knob instead of dropping
+    it and stopping at the same step again (#26.6)."""
     poison_step(2)
     path = jsonl_file(make_records(8))
     with pytest.raises(SystemExit) as info:
@@ -148,13 +152,20 @@ def test_nonfinite_loss_stops_with_checkpoint(tiny_dirs, jsonl_file, mlflow_uri,
     assert info.value.code == 3
     err = capsys.readouterr().err
     assert "non-finite loss at step 2: term 'anchor'" in err
-    saved = Path("checkpoints/nonfinite-step000002.ckpt")
-    assert saved.exists() and f"saved to {saved.resolve()}" in err
+    saved = run_checkpoint_dir("checkpoints", mlflow_uri) / "nonfinite-step000002.ckpt"
+    advice = f"--ckpt_path {saved.resolve()} --model.on_nonfinite skip"
+    assert saved.exists() and f"saved to {saved.resolve()}" in err and advice in err
     ckpt = torch.load(saved, weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
+
+    with caplog.at_level(logging.INFO):
+        _fit(tiny_dirs["qwen2"], path, "--model.anchor_weight", "0.5", "--trainer.max_steps", "5", *advice.split())
+    assert "model.on_nonfinite='skip' (was 'raise')" in caplog.text  # applied, and said so
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])  # the same run, continued
+    assert run.info.status == "FINISHED" and run.data.metrics["train/skipped_steps"] == 3  # steps 2, 3, 4
 
 
 @pytest.mark.slow
@@ -167,6 +178,40 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train/skipped_steps"] >= 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_a_failed_run_and_the_last_good_checkpoint_kept(tiny_dirs, jsonl_file, mlflow_uri,
+                                                                                capsys, monkeypatch):
+    """(#26.4) The disk fills up while the step-4 checkpoint is written (half of it reaches the disk): one line
+    naming the file, the reason and the last good checkpoint, exit 4, the MLflow run FAILED, no truncated file
+    anywhere, and last.ckpt still the loadable step-2 checkpoint."""
+    import errno
+
+    import lightning_ctx.checkpointing as checkpointing
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("global_step") == 4:
+            f.write(b"PK\x03\x04" + b"\0" * 100)  # a partial archive, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+    path = jsonl_file(make_records(8))
+    with pytest.raises(SystemExit) as info:
+        _fit(tiny_dirs["qwen2"], path, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2")
+    err = capsys.readouterr().err
+    assert info.value.code == 4 and "Traceback" not in err
+    folder = run_checkpoint_dir("checkpoints", mlflow_uri).resolve()
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-ctx")]
+    assert f"cannot write {folder / 'step000004.ckpt'}: No space left on device (ENOSPC)" in line
+    assert f"the last good checkpoint is {folder / 'last.ckpt'}" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "run.json", "step000002.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 2
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
 
 
 @pytest.fixture
@@ -184,13 +229,28 @@ def diverge_at(monkeypatch):
     return install
 
 
+@pytest.fixture
+def sampling_fails_at(monkeypatch):
+    """torch.multinomial's error on NaN/inf probabilities at one global step, the weights finite (e.g. logits that
+    overflow in float16)."""
+    def install(at_step):
+        real = OnPolicyDistillation.sample_rollouts
+
+        def failing(self, batch):
+            if self.global_step == at_step:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+            return real(self, batch)
+        monkeypatch.setattr(OnPolicyDistillation, "sample_rollouts", failing)
+    return install
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_nonfinite_sampling_probabilities_are_a_nonfinite_step(tiny_dirs, jsonl_file, mlflow_uri, capsys, diverge_at,
-                                                                mode):
+def test_nonfinite_sampling_probabilities_are_a_nonfinite_step(tiny_dirs, jsonl_file, mlflow_uri, capsys,
+                                                                sampling_fails_at, mode):
     """(#26.9) NaN next-token probabilities in the rollout used to crash in torch.multinomial with a traceback and
     no checkpoint; they are handled like a non-finite loss: a checkpoint and one line, or a skipped step."""
-    diverge_at(2)
+    sampling_fails_at(2)
     path = jsonl_file(make_records(8))
     args = ("--trainer.max_steps", "4", "--model.on_nonfinite", mode)
     if mode == "raise":
@@ -199,12 +259,36 @@ def test_nonfinite_sampling_probabilities_are_a_nonfinite_step(tiny_dirs, jsonl_
         err = capsys.readouterr().err
         assert info.value.code == 3 and "Traceback" not in err
         assert "non-finite loss at step 2: the student's next-token probabilities while sampling" in err
-        assert Path("checkpoints/nonfinite-step000002.ckpt").exists()
+        assert (run_checkpoint_dir("checkpoints", mlflow_uri) / "nonfinite-step000002.ckpt").exists()
     else:
         _fit(tiny_dirs["qwen2"], path, *args)
         client = MlflowClient(mlflow_uri)
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        assert run.data.metrics["train/skipped_steps"] == 2  # steps 2 and 3 both sampled from NaN weights
+        assert run.data.metrics["train/skipped_steps"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_diverged_weights_stop_and_point_at_the_last_good_checkpoint(tiny_dirs, jsonl_file, mlflow_uri, capsys,
+                                                                      diverge_at, mode):
+    """NaN weights (an earlier update diverged): skipping steps cannot recover and a checkpoint of them could only be
+    resumed into the same NaNs, so both modes stop, nothing of the NaN state is saved, and the line names the last
+    good checkpoint with a lower learning rate -- advice that does not lead back here (#26.6, #26.9)."""
+    diverge_at(2)
+    path = jsonl_file(make_records(8))
+    with pytest.raises(SystemExit) as info:
+        _fit(tiny_dirs["qwen2"], path, "--trainer.max_steps", "4", "--model.on_nonfinite", mode,
+             "--checkpoint.every_n_train_steps", "1", "--model.lr", "0.001")
+    err = capsys.readouterr().err
+    assert info.value.code == 3 and "Traceback" not in err
+    folder = run_checkpoint_dir("checkpoints", mlflow_uri)
+    assert not list(folder.glob("nonfinite-*"))
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-ctx")]
+    assert "weights themselves are NaN/inf" in line and "--model.lr 0.0001" in line
+    good = Path(line.split("--ckpt_path ")[1].split()[0])
+    assert good.parent == folder.resolve()
+    ckpt = torch.load(good, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
 # ------------------------------------------------------------------ knobs: checked before any model loads

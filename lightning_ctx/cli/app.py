@@ -2,36 +2,71 @@
 (``export``, ``compare``, ``ui``, ``extract``, ``pretrain-world``); ``lightning-ctx --help`` lists them all.
 
 Config composition lives in :mod:`lightning_ctx.cli.compose`, locating config errors and the knob checks in
-:mod:`lightning_ctx.cli.locate`; this module is the command itself.
+:mod:`lightning_ctx.cli.locate`, ``--ckpt_path`` (which checkpoint, which run, which ``--model.*`` values) in
+:mod:`lightning_ctx.cli.resume`; this module is the command itself.
 
 Configs are YAML (``parser_mode="omegaconf"``, so values can be shared with ``${...}``).
-User errors (bad data, missing model, vocab mismatch) print one line and exit with status 2 before
-any training or tracking starts.
+Every failure a user can meet ends in one line on stderr, never a Python traceback, with an exit status that says
+which kind it was (:data:`EXIT_CODES`, docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
+from lightning_ctx.checkpointing import RunCheckpoint, run_checkpoint, use_atomic_checkpoint_io
 from lightning_ctx.cli.compose import expand_configs
 from lightning_ctx.cli.locate import check_knobs, locate_config_error
+from lightning_ctx.cli.resume import Resume, continue_tracking, merge_model_config, read_resume, resolve_ckpt_path
 from lightning_ctx.console import CompactModelSummary, PlainJsonargparseFormatter, quiet_third_party
 from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError
+from lightning_ctx.errors import WriteError
 from lightning_ctx.export import ModelExport
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
 from lightning_ctx.progress import progress_callback
 from lightning_ctx.summary import run_summary
-from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
+from lightning_ctx.tracking import (
+    MLflowConfigCallback,
+    MLflowLogger,
+    TrackingError,
+    check_store_writable,
+    check_tracking_reachable,
+)
 
 USER_ERRORS = (DataError, ModelError, TrackingError)
+
+#: Exit status of ``lightning-ctx`` -> what it means (docs/reliability.md lists the same).
+EXIT_CODES = {
+    0: "done",
+    1: "interrupted with Ctrl-C (Lightning's own exit), or compare found nothing to compare",
+    2: "a user error found before training: config, data, model, checkpoint or tracking store (one line names it)",
+    3: "stopped at a non-finite loss (a checkpoint of the state before the step, unless the weights diverged)",
+    4: "a file could not be written (a full disk, no permission); the last good checkpoint is named",
+    143: "stopped by SIGTERM (preemption) after saving last.ckpt at a step boundary; resume with --ckpt_path last",
+}
+
+
+class Preempted(Exception):
+    """A fit stopped by SIGTERM at a step boundary (its checkpoint saved); exit 143."""
+
+
+def user_error_in(err: BaseException) -> Optional[BaseException]:
+    """The user error behind ``err``: itself, or one it was raised from (jsonargparse wraps errors raised while it
+    builds the configured classes, e.g. a task reading its files, in its own)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (*USER_ERRORS, WriteError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 _CURRENT_ARGV: list[str] = []  # the arguments being parsed, for locating config errors
@@ -90,6 +125,35 @@ class ContextCLI(LightningCLI):
                             help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
                                  "to this file); expanded by lightning-ctx before parsing.")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's replaces the model config by the checkpoint's hyperparameters, silently dropping this command's
+        ``--model.*`` values, and reads ``last`` from another file than it restores. Here ``last`` is resolved once,
+        the file is checked, and the values are merged (:mod:`lightning_ctx.cli.resume`)."""
+        self.resume: Optional[Resume] = None
+        self.resolved_ckpt_path: Optional[str] = None  # what trainer.fit/validate/test get (_prepare_subcommand_kwargs)
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        cfg = self.config[subcommand]
+        path = resolve_ckpt_path(cfg, subcommand)
+        if path is None:
+            return
+        self.resume, hparams = read_resume(path)
+        if hparams:
+            merged, changes = merge_model_config(hparams, cfg.get("model"), _CURRENT_ARGV, path)
+            self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
+            if changes:
+                rank_zero_info(f"resuming {path} (step {self.resume.step}) with {', '.join(changes)}")
+        self.resolved_ckpt_path = str(path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        """Lightning's, with ``ckpt_path`` the file resolved above (the config keeps what was asked, e.g. ``last``:
+        jsonargparse refuses a config whose ``ckpt_path`` was set after parsing)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs:
+            kwargs["ckpt_path"] = self.resolved_ckpt_path
+        return kwargs
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         check_knobs(cfg, _CURRENT_ARGV)
@@ -106,7 +170,9 @@ class ContextCLI(LightningCLI):
             callbacks = [*callbacks, progress_callback()]  # a bar over steps in a terminal, short lines in a log
         if config.get("enable_model_summary") is not False and not any(isinstance(cb, ModelSummary) for cb in chosen):
             callbacks = [*callbacks, CompactModelSummary()]  # one line instead of Lightning's table
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        use_atomic_checkpoint_io(trainer)  # also for the checkpoints saved without the checkpoint callback
+        return trainer
 
     def _prepare(self) -> None:
         """Validate data, model and tracking store before a logger creates any run."""
@@ -115,36 +181,36 @@ class ContextCLI(LightningCLI):
             uri = getattr(logger, "_tracking_uri", None)
             if uri:
                 check_tracking_reachable(uri)
+                check_store_writable(uri)
         if dm is None:
             return
         dm.connect(model.tokenizer)
         model.check_data(dm)
 
-    def _resume_tracking(self) -> None:
-        """``--ckpt_path``: find the checkpoint and continue its MLflow run (no duplicate run)."""
-        for cb in self.trainer.checkpoint_callbacks:
-            if isinstance(cb, RunCheckpoint):
-                cb.set_default_dirpath(self.trainer.default_root_dir)
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if not ckpt_path:
-            return
-        if ckpt_path == "last":
-            found = [find_last_checkpoint(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
-            found = [p for p in found if p is not None]
-            if not found:
-                return  # Lightning warns and starts fresh, as documented for ckpt_path=last
-            ckpt_path = max(found, key=lambda p: p.stat().st_mtime)
-        elif not Path(ckpt_path).exists():
-            raise DataError("checkpoint does not exist", path=ckpt_path, field="ckpt_path")
-        run_id = read_mlflow_run_id(ckpt_path)
-        if run_id:
-            for logger in self.trainer.loggers:
-                if isinstance(logger, MLflowLogger):
-                    logger.continue_run(run_id)
-
     def before_fit(self) -> None:
         self._prepare()
-        self._resume_tracking()
+        if self.resume is not None:
+            continue_tracking(self.trainer, self.resume)
+
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit``; a SIGTERM (preemption) ends the MLflow run KILLED and becomes :class:`Preempted`."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SIGTERMException:
+            keeper = run_checkpoint(self.trainer)
+            saved = keeper.last_good if keeper is not None else None
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MLflowLogger):
+                    logger.end_killed()
+            step = self.trainer.global_step
+            if saved:
+                raise Preempted(f"SIGTERM at step {step}; {saved} holds it: resume with the same command plus "
+                                "--ckpt_path last") from None
+            why = ("trainer.enable_checkpointing is false" if keeper is None
+                   else "the weights were not finite" if keeper.nonfinite_at is not None else "nothing was written")
+            raise Preempted(f"SIGTERM at step {step}; no checkpoint ({why}), so the run cannot be resumed") from None
 
     def before_validate(self) -> None:
         self._prepare()
@@ -202,6 +268,11 @@ def top_level_help() -> str:
     return "\n".join(lines)
 
 
+def _fail(prefix: str, message: str, code: int) -> None:
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -210,22 +281,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         raise SystemExit(0 if argv else 2)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        import importlib
-
-        module_name, func = EXTRA_COMMANDS[argv[0]].split(":")
-        try:
-            result = getattr(importlib.import_module(module_name), func)(argv[1:])
-        except USER_ERRORS as err:
-            print(f"lightning-ctx {argv[0]}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise SystemExit(result if isinstance(result, int) else 0)
+    prefix = f"lightning-ctx {argv[0]}" if argv[0] in EXTRA_COMMANDS else "lightning-ctx"
     try:
-        ContextCLI(args=None if from_command_line else argv)
-    except USER_ERRORS as err:
-        print(f"lightning-ctx: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteLossError as err:  # the run is marked failed and a checkpoint was saved first
-        print(f"lightning-ctx: stopped: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+        if argv[0] in EXTRA_COMMANDS:
+            import importlib
 
+            module_name, func = EXTRA_COMMANDS[argv[0]].split(":")
+            result = getattr(importlib.import_module(module_name), func)(argv[1:])
+            raise SystemExit(result if isinstance(result, int) else 0)
+        ContextCLI(args=None if from_command_line else argv)
+    except NonFiniteLossError as err:  # the run is marked failed and a checkpoint was saved first (finite weights)
+        _fail("lightning-ctx: stopped", str(err), 3)
+    except Preempted as err:
+        _fail("lightning-ctx: stopped", str(err), 143)
+    except Exception as err:  # noqa: BLE001 - only user errors (possibly wrapped) become one line; others re-raise
+        found = user_error_in(err)
+        if found is None:
+            raise
+        _fail(f"{prefix}: error", str(found), 4 if isinstance(found, WriteError) else 2)

@@ -63,10 +63,18 @@ def field_value(row: Mapping, spec: str) -> Any:
     return _MISSING
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def read_export_rows(path: str | Path) -> list[tuple[int, Any]]:
     """``(row number, row)`` of a parquet file (1-based rows), a JSONL file (line numbers) or a JSON array."""
     path = Path(path).expanduser()
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if path.suffix.lower() in (".parquet", ".pq") or _starts_with(path, b"PAR1"):
         problem = file_problem(path)
         if problem is not None:
             raise DataError(problem, path=path)

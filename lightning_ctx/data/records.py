@@ -72,9 +72,11 @@ def load_jsonl(path: str | Path) -> list[TaskRecord]:
 
 
 def write_jsonl(records: Iterable[TaskRecord | dict], path: str | Path) -> Path:
+    """One JSON object per line, written atomically (:mod:`lightning_ctx.writing`)."""
+    from lightning_ctx.writing import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
+    with atomic_file(path, "w", encoding="utf-8") as fh:
         for rec in records:
             obj = rec.to_dict() if isinstance(rec, TaskRecord) else rec
             fh.write(json.dumps(obj, ensure_ascii=False) + "\n")

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+from lightning_ctx.writing import write_text
+
 __all__ = ["EXAMPLE_COLUMNS", "RETENTION_COLUMNS", "clean", "write_examples_html", "write_examples", "curves_figure",
            "plot_curves", "plot_hidden_cos", "plot_method_curves"]
 
@@ -105,9 +107,7 @@ def write_examples_html(path: str | Path, payload: dict) -> Path:
         parts += [f"<h3>Retention items, other contexts ({len(payload['retention_examples'])})</h3>",
                   _html_table(payload["retention_examples"], RETENTION_COLUMNS)]
     parts.append("</body></html>")
-    path = Path(path)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(parts))
 
 
 def _new_figure(width: float, height: float):
@@ -213,7 +213,7 @@ def write_examples(folder: str | Path, *, title: str, stage: str, step: int, spl
                      "references": references,
                      "examples": [{k: v for k, v in r.items() if k != "index"} for r in rows],
                      "retention_examples": [{k: v for k, v in r.items() if k != "index"} for r in retention_rows]})
-    (folder / "examples.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_text(folder / "examples.json", json.dumps(payload, indent=1, ensure_ascii=False))
     write_examples_html(folder / "examples.html", payload)
     return [folder / "examples.json", folder / "examples.html"]
 

@@ -45,6 +45,8 @@ class MissingModel(ModelError):
             from huggingface_hub.constants import HF_HUB_CACHE
 
             return f"{self.name!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE})"
+        if Path(self.name).expanduser().is_file():
+            return f"{self.name} is a file, not a model folder (a folder holding config.json and the weights)"
         return f"{self.name} does not exist"
 
 

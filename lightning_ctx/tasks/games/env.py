@@ -68,17 +68,18 @@ def import_textarena():
     return textarena
 
 
-def check_env_id(env_id: str) -> None:
-    """``env_id`` must be a registered ``-raw`` TextArena environment (see the module docstring)."""
+def check_env_id(env_id: str, field: str = "data.task.env_id") -> None:
+    """``env_id`` must be a registered ``-raw`` TextArena environment (see the module docstring); ``field``: the knob
+    an error names (``--env-id`` for ``lightning-ctx extract``)."""
     ta = import_textarena()
     from textarena.envs.registration import ENV_REGISTRY
 
     if env_id not in ENV_REGISTRY:
         raise ConfigError(f"is {env_id!r}, not a TextArena environment (e.g. {', '.join(GAME_IDS)})",
-                          field="data.task.env_id")
+                          field=field)
     if not env_id.endswith("-raw"):
         raise ConfigError(f"is {env_id!r}: use the '-raw' variant ({env_id}-raw); the wrapped ones repeat the whole "
-                          "game in every observation", field="data.task.env_id")
+                          "game in every observation", field=field)
     del ta
 
 

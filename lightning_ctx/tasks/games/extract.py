@@ -25,7 +25,6 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, Episode, EpisodeFormat, TurnSampler
@@ -247,7 +246,8 @@ def extract_main(argv: Sequence[str]) -> int:
     from lightning_ctx.rollout import eos_ids_for
     from lightning_ctx.rollout_episodes import ChatFormat, build_format
     from lightning_ctx.textfiles import read_text
-    from lightning_ctx.tracking import default_tracking_uri
+    from lightning_ctx.tracking import open_store
+    from lightning_ctx.writing import check_output_file, write_text
 
     a = build_parser().parse_args(list(argv))
     for name in ("updates", "games", "val_games", "eval_every", "max_turns", "max_new_tokens",
@@ -256,16 +256,15 @@ def extract_main(argv: Sequence[str]) -> int:
             raise ConfigError(f"must be >= 1, got {getattr(a, name)}", field=f"--{name.replace('_', '-')}")
     if a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise ConfigError("sampling needs temperature > 0, 0 < top-p <= 1, top-k >= 0", field="--temperature")
-    check_env_id(a.env_id)
+    check_env_id(a.env_id, field="--env-id")
     try:
         env_kwargs = None if a.env_kwargs is None else json.loads(a.env_kwargs)
     except json.JSONDecodeError as err:
         raise ConfigError(f"is not JSON ({err})", field="--env-kwargs") from None
     check_env_kwargs(a.env_id, env_kwargs, field="--env-kwargs")
     factory = GameFactory(a.env_id, a.max_turns, env_kwargs_for(a.env_id, env_kwargs))
-    out = Path(a.out)
-    if out.is_dir():
-        raise ConfigError("is a folder; give the path of the experience file to write", path=out, field="--out")
+    out = check_output_file(a.out, "--out")  # a folder, or a file in the way of its folder: said before extracting
+    uri = open_store()  # MLflow's refused file store, an unreachable server: said before the model loads
     initial = read_text(a.experience, field="--experience").strip() if a.experience else ""
     torch.manual_seed(a.seed)
     tokenizer = load_tokenizer(a.model)
@@ -276,7 +275,7 @@ def extract_main(argv: Sequence[str]) -> int:
     fmt = build_format(a.episode_format, ChatFormat(tokenizer, [tokenizer.eos_token_id], enable_thinking=thinking))
     play, write = _model_samplers(model, tokenizer, eos_ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k,
                                   a.write_max_new_tokens, fmt)
-    mlflow.set_tracking_uri(default_tracking_uri())
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(a.experiment)
     with mlflow.start_run(run_name=a.run_name or f"extract-{a.env_id}") as run:
         mlflow.log_params({k: v for k, v in vars(a).items() if v is not None})
@@ -297,8 +296,7 @@ def extract_main(argv: Sequence[str]) -> int:
                               "replies (more --updates or --write-max-new-tokens, or a starting --experience)",
                               path=out, field="--out")
         mlflow.log_text(result.best_experience, "best_experience.txt")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(result.best_experience + "\n", encoding="utf-8")
+        write_text(out, result.best_experience + "\n")  # atomic: a full disk leaves no half-written experience
         print(f"best experience: update {result.best_update}, held-out pass rate {result.best_val_pass:.3f} -> {out} "
               f"(MLflow run {run.info.run_id})")
     return 0

@@ -37,14 +37,15 @@ lightning_ctx.tasks.mcqa.MCQATask``), which converts on the fly.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.data.records import DataError, TaskRecord, write_jsonl
-from lightning_ctx.textfiles import read_json_lines, read_text
+from lightning_ctx.errors import WriteError
+from lightning_ctx.textfiles import read_text
+from lightning_ctx.writing import check_output_file
 
 __all__ = ["MEDICAL_SYSTEM_PROMPT", "ANSWER_INSTRUCTION", "format_mcq_prompt", "row_to_record", "convert_rows",
            "read_rows", "load_mcqa", "read_system_prompt", "main"]
@@ -185,15 +186,12 @@ def row_to_record(row: Any, system_prompt: str, *, index: int = 0, cop_base: int
 
 
 def read_rows(path: str | Path) -> list[tuple[int, Any]]:
-    """``(line, row)`` pairs of a JSONL file (or a JSON array file: line = 1-based item number)."""
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON ({err.msg})", path=path, line=err.lineno) from None
-        return list(enumerate(items, start=1))
-    return read_json_lines(path)
+    """``(line, row)`` pairs of a JSONL file, a JSON array file (line = 1-based item number) or a parquet file (the
+    Hugging Face medmcqa download; row number), read as the system-prompt exports are
+    (:func:`lightning_ctx.data.exports.read_export_rows`)."""
+    from lightning_ctx.data.exports import read_export_rows
+
+    return read_export_rows(path)
 
 
 def convert_rows(rows: Iterable[tuple[int, Any]] | Iterable[Any], system_prompt: str, *, cop_base: int = 0,
@@ -220,15 +218,18 @@ def convert_rows(rows: Iterable[tuple[int, Any]] | Iterable[Any], system_prompt:
     return out
 
 
-def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: Optional[str | Path] = None) -> str:
-    """The context text: ``system_prompt``, else the file's content (stripped), else the default."""
+def read_system_prompt(system_prompt: Optional[str] = None, system_prompt_file: Optional[str | Path] = None,
+                       knobs: tuple[str, str] = ("system_prompt", "system_prompt_file")) -> str:
+    """The context text: ``system_prompt``, else the file's content (stripped), else the default. ``knobs``: the two
+    names an error gives (``data.task.*`` in a config, ``--system-prompt*`` for the converter)."""
+    text_knob, file_knob = knobs
     if system_prompt is not None and system_prompt_file is not None:
-        raise DataError("give system_prompt or system_prompt_file, not both", field="system_prompt")
+        raise DataError(f"give {text_knob} or {file_knob}, not both", field=text_knob)
     if system_prompt_file is not None:
         p = Path(system_prompt_file)
-        text = read_text(p, field="system_prompt_file").strip()
+        text = read_text(p, field=file_knob).strip()
         if not text:
-            raise DataError("system prompt file is empty", path=p, field="system_prompt_file")
+            raise DataError("system prompt file is empty", path=p, field=file_knob)
         return text
     return MEDICAL_SYSTEM_PROMPT if system_prompt is None else system_prompt
 
@@ -253,14 +254,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--id-prefix", default="mcqa-", help="id of rows without one: <prefix><line>")
     args = p.parse_args(argv)
     try:
-        system_prompt = read_system_prompt(args.system_prompt, args.system_prompt_file)
+        check_output_file(args.output, "output")
+        system_prompt = read_system_prompt(args.system_prompt, args.system_prompt_file,
+                                           ("--system-prompt", "--system-prompt-file"))
         rows = read_rows(args.input)
         records = convert_rows(rows, system_prompt, cop_base=args.cop_base, skip_unanswered=args.skip_unanswered,
                                id_prefix=args.id_prefix, path=args.input)
-    except DataError as err:
+        write_jsonl(records, args.output)
+    except (DataError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_jsonl(records, args.output)
+        return 4 if isinstance(err, WriteError) else 2
     print(f"wrote {len(records)} records ({len(rows) - len(records)} unlabeled skipped) to {args.output}")
     return 0
 

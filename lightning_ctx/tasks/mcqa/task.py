@@ -38,7 +38,8 @@ class MCQATask(Task):
         if val_size and val_file:
             raise DataError("set val_file or val_size, not both", field=f"{TASK_PREFIX}val_size")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.system_prompt = read_system_prompt(system_prompt, system_prompt_file)
+        self.system_prompt = read_system_prompt(system_prompt, system_prompt_file,
+                                                (f"{TASK_PREFIX}system_prompt", f"{TASK_PREFIX}system_prompt_file"))
         self.cop_base = cop_base
         self.skip_unanswered = skip_unanswered
         self.val_size, self.val_seed = val_size, val_seed

@@ -33,6 +33,7 @@ from lightning_ctx.tasks.world.tokenizer import (
     render_prompt_ids,
     save_world_tokenizer,
 )
+from lightning_ctx.writing import write_text
 
 
 class WorldBatches(torch.utils.data.IterableDataset):
@@ -271,8 +272,34 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "lightning": lightning.__version__, "python": platform.python_version()},
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Every argument of ``pretrain-world`` in range, and ``--out`` a folder that can be written, before any work: one
+    ConfigError naming the flag."""
+    from lightning_ctx.errors import ConfigError
+    from lightning_ctx.writing import check_output_dir
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("layers", "width", "heads", "max_steps", "batch_size", "eval_n_per_context"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"must be >= 1, got {getattr(a, name)}", field=flag(name))
+    for name in ("warmup_steps", "threads", "weight_decay"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"must be >= 0, got {getattr(a, name)}", field=flag(name))
+    if a.intermediate is not None and a.intermediate < 1:
+        raise ConfigError(f"must be >= 1, got {a.intermediate}", field="--intermediate")
+    if a.width % a.heads:
+        raise ConfigError(f"--width {a.width} must be a multiple of --heads {a.heads}", field="--width")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise ConfigError(f"must be a positive number, got {a.lr}", field="--lr")
+    if not 0 <= a.p_no_context <= 1:
+        raise ConfigError(f"must be between 0 and 1, got {a.p_no_context}", field="--p-no-context")
+    check_output_dir(a.out, "--out")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -300,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads (0 = leave as is)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    check_args(a)
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     report = pretrain_world(a.out, seed=a.seed, arch=a.arch, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                             progress=not a.no_progress, layers=a.layers, width=a.width, heads=a.heads,

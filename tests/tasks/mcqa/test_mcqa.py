@@ -85,6 +85,41 @@ def test_cli_converts_to_records(tmp_path):
     assert mcqa_main([str(tmp_path / "missing.jsonl"), str(out)]) == 2
 
 
+def test_cli_reads_parquet_and_checks_its_output_first(tmp_path, capsys, monkeypatch):
+    """(#26.13, #26.14) The Hugging Face medmcqa download is parquet (it used to be blamed for not being UTF-8); an
+    output path that is a folder or lies under a file is refused before any row is read; a failed write leaves no
+    file."""
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:3]]
+    parquet = tmp_path / "train-00000.bin"  # recognised by its content, whatever its name
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    out = tmp_path / "records.jsonl"
+    assert mcqa_main([str(parquet), str(out), "--system-prompt", "s"]) == 0
+    assert [r.answer for r in load_jsonl(out)] == [r["answer"] for r in convert_rows(rows, "s")]
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for bad, why in ((tmp_path / "folder", "is a folder"), (tmp_path / "file" / "out.jsonl", "is a file")):
+        capsys.readouterr()
+        assert mcqa_main([str(tmp_path / "missing.jsonl"), str(bad), "--system-prompt", "s"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert str(bad) in line and why in line and "missing.jsonl" not in line
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lightning_ctx.data.records.json.dumps", full_disk)  # the first record's write fails
+    assert mcqa_main([str(SAMPLE), str(tmp_path / "new.jsonl"), "--system-prompt", "s"]) == 4
+    monkeypatch.undo()
+    line = capsys.readouterr().err.strip()
+    assert f"cannot write {tmp_path / 'new.jsonl'}: No space left on device (ENOSPC)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "records.jsonl", "train-00000.bin"]
+
+
 def test_datamodule_holds_out_val_rows(tiny_dirs):
     dm = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8, system_prompt_file=str(SYSTEM_PROMPT_FILE)),
                         tokenizer=tiny_dirs["qwen2"])
