@@ -1,4 +1,5 @@
-"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare``, ``pretrain-world``, ``extract``.
+"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare``, ``pretrain-world``,
+``pretrain-games``, ``extract``.
 
 Config composition lives in :mod:`lightning_ctx.cli.compose`, locating config errors and the knob checks in
 :mod:`lightning_ctx.cli.locate`; this module is the command itself.
@@ -166,6 +167,7 @@ class ContextCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "compare": "lightning_ctx.compare_report:compare_main",
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
+    "pretrain-games": "lightning_ctx.tasks.games.frozenlake_base.pretrain:main",
     "extract": "lightning_ctx.tasks.games.extract:extract_main",
 }
 
