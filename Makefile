@@ -47,6 +47,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lightning_ctx.demo
 
+# The game family on the built-in game base: OPD and anchored OPD on TextArena FrozenLake (README "The built-in game world").
+.PHONY: demo-games
+demo-games: $(STAMP)
+	$(PY) -m lightning_ctx.demo_games
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
 
