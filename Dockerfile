@@ -2,8 +2,12 @@
 #
 # CPU (default):
 #   docker build -t lightning-ctx .
-#   docker run --rm -v "$PWD/mlruns:/app/mlruns" lightning-ctx                 # make demo
-#   docker run --rm -it lightning-ctx lightning-ctx fit --config experiments/world_anchored.yaml
+#   docker run --rm -v "$PWD/mlruns:/app/mlruns" -v "$PWD/demo_runs:/app/demo_runs" lightning-ctx   # make demo
+#   docker run --rm -it -v "$PWD/mlruns:/app/mlruns" -v "$PWD/checkpoints:/app/checkpoints" \
+#     -v "$PWD/exports:/app/exports" lightning-ctx lightning-ctx fit --config experiments/world_anchored.yaml
+# Everything a run writes lives in the volumes below; without -v they are anonymous volumes that `--rm` deletes.
+# The store records /app/mlruns/... as its artifact paths; lightning-ctx re-roots them when the store is opened on
+# the host (lightning-ctx ui, compare, export, or the next fit there), so plots and tables stay reachable.
 #
 # CUDA: a CUDA base image and the matching PyTorch wheel index (torch stays pinned by TORCH_SPEC):
 #   docker build -t lightning-ctx:cuda \
@@ -51,9 +55,9 @@ RUN make install PYTHON=python3 TORCH_SPEC="${TORCH_SPEC}" \
 
 ENV PATH=/app/.venv/bin:${PATH} \
     MLFLOW_TRACKING_URI=sqlite:////app/mlruns/mlflow.db
-VOLUME ["/app/mlruns"]
-# MLflow UI: docker run --rm -p 5000:5000 -v "$PWD/mlruns:/app/mlruns" lightning-ctx \
-#   mlflow ui --host 0.0.0.0 --backend-store-uri sqlite:////app/mlruns/mlflow.db
+# runs (MLflow), the demo's plots and checkpoints, checkpoints of `fit`, folders of `lightning-ctx export`
+VOLUME ["/app/mlruns", "/app/demo_runs", "/app/checkpoints", "/app/exports"]
+# MLflow UI: docker run --rm -p 5000:5000 -v "$PWD/mlruns:/app/mlruns" lightning-ctx lightning-ctx ui --host 0.0.0.0
 EXPOSE 5000
 
 CMD ["make", "demo"]

@@ -69,7 +69,8 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 def run_ours(path: str, prompts: list[str], args, workdir: Path, engine: str) -> tuple[list[float], float]:
     import lightning.pytorch as pl
 
-    from lightning_ctx.data.datamodule import ContextPairDataModule
+    from lightning_ctx.data.datamodule import TaskDataModule
+    from lightning_ctx.data.task import JSONLTask
     from lightning_ctx.module import OnPolicyDistillation
 
     train = workdir / "train.jsonl"
@@ -89,7 +90,7 @@ def run_ours(path: str, prompts: list[str], args, workdir: Path, engine: str) ->
     module = OnPolicyDistillation(student=path, anchor_weight=args.anchor, max_new_tokens=args.new, lr=1e-4,
                                   rollout_engine=engine)
     module.sampling.min_new_tokens = args.new  # no early stop: every row decodes exactly `new` tokens
-    dm = ContextPairDataModule(train_file=str(train), tokenizer=path, batch_size=args.batch, shuffle=True, seed=0)
+    dm = TaskDataModule(JSONLTask(train_file=str(train)), tokenizer=path, batch_size=args.batch, shuffle=True, seed=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.skip + args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()])

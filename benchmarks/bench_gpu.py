@@ -66,7 +66,7 @@ def build_checkpoint(root: Path, shape: dict, dtype: torch.dtype, seed: int = 0)
 
 
 def make_batch(B: int, P: int, C: int, vocab: int, device, seed: int = 0):
-    from lightning_ctx.data.datamodule import ContextPairBatch
+    from lightning_ctx.data.batches import ContextPairBatch
 
     g = torch.Generator().manual_seed(seed)
     low = 16  # keep clear of the special ids of the tokenizer

@@ -3,6 +3,7 @@
     python benchmarks/bench_intervals.py                       # both parts
     python benchmarks/bench_intervals.py --part speed --reps 7
     python benchmarks/bench_intervals.py --part coverage --sims 1000
+    python benchmarks/bench_intervals.py --part evaluation    # what one logged evaluation pays
 
 Part 1 (speed). ``bootstrap`` of the five greedy removability metrics (``removability_items``) and of the eleven
 sampled ones (``sampled_items``, k = 4 samples per item), for 100 / 1,000 / 10,000 items and 500 ... 10,000
@@ -16,6 +17,11 @@ Part 2 (coverage). ``--sims`` simulated evaluations per item count with a known 
 count: the greedy ``harm`` (60% right without the context, a right item harmed with probability 0.25) and the
 sampled ``harm_excess`` of a context with no effect (p ~ Beta(2, 2), q = p, k = 4: true value 0). Printed: how
 often the 95% interval covers the truth, and how often it exists (enough resamples define the ratio).
+
+Part 3 (evaluation). What one evaluation pays for its intervals: ``REMOVABILITY.measure`` (every registered metric
+with its interval, as the evaluator logs them) on the world's tables (100 val items, 8 x 25 = 200 retention
+items), greedy and with k = 4 samples per item, and ``GAMES.measure`` on 128 games; median wall and CPU time
+over ``--reps`` runs at the default resample count.
 """
 
 from __future__ import annotations
@@ -90,9 +96,57 @@ def coverage(args) -> None:
               f"{has_x / args.sims:>12.3f}")
 
 
+def world_rows(g: np.random.Generator, n: int = 100, n_ret: int = 200, k: int = 0):
+    """Per-example rows shaped as the evaluator writes them (random flags and lengths)."""
+    from lightning_ctx.eval.registry import ItemRows
+
+    rows = []
+    for i in range(n):
+        row = {"index": i, "correct_no_ctx": bool(g.random() < 0.9), "correct_ctx": bool(g.random() < 0.6),
+               "len_no_ctx": int(g.integers(2, 8)), "len_ctx": int(g.integers(2, 8)), "truncated_no_ctx": False,
+               "truncated_ctx": bool(g.random() < 0.05)}
+        for tag in ("no_ctx", "ctx") if k else ():
+            row[f"sampled_correct_{tag}"] = (g.random(k) < 0.7).tolist()
+            row[f"sampled_len_{tag}"] = g.integers(2, 8, k).tolist()
+            row[f"sampled_truncated_{tag}"] = [False] * k
+        rows.append(row)
+    ret = [{"index": i, "correct": bool(g.random() < 0.8), "reference_correct": bool(g.random() < 0.95)}
+           for i in range(n_ret)]
+    return ItemRows(rows, ret)
+
+
+def game_rows(g: np.random.Generator, n: int = 128):
+    from lightning_ctx.eval.registry import ItemRows
+
+    return ItemRows([{f"{c}_{tag}": v for tag in ("no_ctx", "ctx") for c, v in (
+        ("passed", bool(g.random() < 0.4)), ("reward", float(g.random())), ("turns", int(g.integers(1, 9))),
+        ("invalid_moves", int(g.integers(0, 3))), ("tokens", int(g.integers(20, 200))))} for _ in range(n)])
+
+
+def evaluation(args) -> None:
+    from lightning_ctx.eval.registry import REMOVABILITY
+    from lightning_ctx.tasks.games.metrics import GAMES
+
+    print(f"{'evaluation':34} {'metrics':>7} {'wall ms':>8} {'CPU ms':>8}   ({DEFAULT_RESAMPLES} resamples, "
+          f"median of {args.reps})")
+    cases = (("world greedy (100 + 200 retention)", REMOVABILITY, world_rows(np.random.default_rng(0))),
+             ("world k=4 samples (100 + 200)", REMOVABILITY, world_rows(np.random.default_rng(0), k=4)),
+             ("games (128 games)", GAMES, game_rows(np.random.default_rng(0))))
+    for name, registry, rows in cases:
+        wall, cpu = [], []
+        for seed in range(args.reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = registry.measure(rows, seed=seed)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        n_metrics = sum(1 for k in out if f"{k}_lo" in out)
+        print(f"{name:34} {n_metrics:>7} {statistics.median(wall) * 1e3:>8.1f} {statistics.median(cpu) * 1e3:>8.1f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("speed", "coverage", "both"), default="both")
+    p.add_argument("--part", choices=("speed", "coverage", "evaluation", "both"), default="both",
+                   help="both = speed and coverage")
     p.add_argument("--items", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--resamples", type=int, nargs="+", default=[500, 1000, 2000, 5000, 10000])
     p.add_argument("--reps", type=int, default=7, help="seeds per speed cell (time median, endpoint spread)")
@@ -103,6 +157,8 @@ def main(argv=None) -> None:
         speed(args)
     if args.part in ("coverage", "both"):
         coverage(args)
+    if args.part == "evaluation":
+        evaluation(args)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
-"""Reproduce the paper-style table on the embedded rule world: OPD, anchored OPD and anchored OPD + retention.
+"""Reproduce the paper-style table on the embedded rule world: OPD, anchored OPD, anchored OPD + retention and
+OPCD's off-policy context-distillation baseline.
 
-For every target context x seed it runs ``lightning-ctx fit`` once per method -- the world task base
-(``builtin:world.yaml``) stacked with each method file (``builtin:methods/{opd,anchored,anchored_retain}.yaml``)
--- all logged to one MLflow experiment, then ``lightning-ctx compare`` twice: averaged over seeds per target
+For every target context x seed it runs ``lightning-ctx fit`` once per method -- the world's task and model
+(``builtin:tasks/world.yaml``, ``builtin:models/world_base.yaml``), the grid's evaluation and each method file
+(``builtin:methods/{opd,anchored,anchored_retain,offpolicy_cd}.yaml``) -- all logged to one MLflow experiment, then
+``lightning-ctx compare`` twice: averaged over seeds per target
 (the paper table) and per (target, seed) (the "harm reduced in N of 12 configurations" and "retention >= 0.9
-in N of 12" counts: 4 targets x 3 seeds).
+in N of 12" counts: 4 targets x 3 seeds). Both print every value with its 95% interval over items and every
+difference to OPD with its paired interval (from each run's final per-example table), and each count twice: by the
+point estimates and by the intervals.
 
     python benchmarks/grid.py --dry-run                      # print the commands
     python benchmarks/grid.py --jobs 2                       # run the grid, then compare
     python benchmarks/grid.py --targets SHOW ADD2 --seeds 0 1 --methods opd anchored -- --model.lr 1e-3
 
 Every run gets the tags ``grid``, ``task``, ``target_context``, ``seed`` and ``method`` (``compare`` groups by
-them; it tells the methods apart by the logged anchor and retain weights) and the run name
+them; it tells the methods apart by the logged anchor, retain and OPD weights and the extra terms) and the run name
 ``<target>-<method>-s<seed>``. The config must log to MLflow (the CLI default);
-``experiments/grid/eval.yaml`` (``--eval-config``) adds ``lightning_ctx.eval.ContextRemovabilityCallback``,
+``experiments/eval/grid.yaml`` (``--eval-config``) adds ``lightning_ctx.eval.ContextRemovabilityCallback``,
 whose final ``eval/*`` metrics ``compare`` reads. ``--extra-config`` adds more YAML overlays; arguments
 after ``--`` go to every fit.
 With ``--skip-existing`` runs already FINISHED in the experiment (same run name) are not redone.
@@ -34,11 +38,11 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = "builtin:world.yaml"
-DEFAULT_EVAL_CONFIG = "experiments/grid/eval.yaml"  # adds ContextRemovabilityCallback (the eval/* metrics)
+DEFAULT_CONFIGS = ("builtin:tasks/world.yaml", "builtin:models/world_base.yaml")  # task and model, no evaluation
+DEFAULT_EVAL_CONFIG = "experiments/eval/grid.yaml"  # adds ContextRemovabilityCallback (the eval/* metrics)
 DEFAULT_TARGETS = ("SHOW", "ADD2", "REV", "ADD1 SHOW")
 DEFAULT_SEEDS = (0, 1, 2)
-METHODS = ("opd", "anchored", "anchored_retain")  # builtin:methods/<name>.yaml
+METHODS = ("opd", "anchored", "anchored_retain", "offpolicy_cd")  # builtin:methods/<name>.yaml
 
 
 @dataclass
@@ -72,7 +76,8 @@ def run_name(target: str, method: str, seed: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="base fit config (default: %(default)s)")
+    p.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS),
+                   help="base fit configs: the task and the model (default: %(default)s)")
     p.add_argument("--eval-config", default=DEFAULT_EVAL_CONFIG,
                    help="overlay that configures the evaluation callback ('' = none: the config has it; "
                         "default: %(default)s)")
@@ -122,11 +127,11 @@ def fit_jobs(args: argparse.Namespace) -> list[Job]:
             for method in args.methods:
                 name = run_name(target, method, seed)
                 tags = {"grid": grid, "task": "world", "target_context": target, "seed": str(seed), "method": method}
-                argv = cli_prefix() + ["fit", "--config", resolve_config(args.config),
-                                       "--config", f"builtin:methods/{method}.yaml"]
-                for extra in ([args.eval_config] if args.eval_config else []) + args.extra_config:
-                    argv += ["--config", resolve_config(extra)]
-                argv += ["--data.target_context", target, "--seed_everything", str(seed),
+                argv = cli_prefix() + ["fit"]
+                for config in [*args.config, *([args.eval_config] if args.eval_config else []),
+                               f"builtin:methods/{method}.yaml", *args.extra_config]:
+                    argv += ["--config", resolve_config(config)]
+                argv += ["--data.task.target_context", target, "--seed_everything", str(seed),
                          "--trainer.logger.init_args.experiment_name", args.experiment,
                          "--trainer.logger.init_args.run_name", name,
                          "--trainer.logger.init_args.tags", _json(tags)]
@@ -204,9 +209,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in jobs + compares:
             print(job.shell())
         return 0
-    if not args.config.startswith("builtin:") and not Path(resolve_config(args.config)).exists():
-        print(f"grid.py: config {args.config} not found", file=sys.stderr)
-        return 2
+    for config in args.config:
+        if not config.startswith("builtin:") and not Path(resolve_config(config)).exists():
+            print(f"grid.py: config {config} not found", file=sys.stderr)
+            return 2
     if args.skip_existing:
         done = finished_run_names(args)
         skipped = [j.name for j in jobs if j.name in done]

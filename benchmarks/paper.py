@@ -10,7 +10,7 @@ reports the mean of the 3 best checkpoints; its student is evaluated without the
     python benchmarks/paper.py --dry-run                       # what would run, what is skipped and why
     python benchmarks/paper.py --models-root /models           # real runs (folders /models/Llama-3.1-8B-Instruct, ...)
     python benchmarks/paper.py --smoke                          # CPU: every setting on tiny stand-ins, 2 steps
-    python benchmarks/paper.py --only sys_safety_qwen2.5_7b -- --data.init_args.max_eval_items 200
+    python benchmarks/paper.py --only sys_safety_qwen2.5_7b -- --data.max_eval_items 200
 
 ``--smoke`` replaces each model by a tiny random checkpoint of its architecture family (Llama / Qwen2; a deeper
 Qwen2 as the cross-size teacher) and applies the CPU smoke overrides (2 steps, 8 new tokens, batch 2, fp32);
@@ -54,7 +54,7 @@ def cli_prefix() -> list[str]:
 def model_paths(setting: str, models_root: Optional[str]) -> dict[str, str]:
     """``student`` (and ``teacher``) of a setting: its model file's paths, re-rooted under ``models_root``."""
     model_key = setting.split("_", 2)[2]
-    cfg = yaml.safe_load((PAPER / "models" / f"{model_key}.yaml").read_text())["model"]
+    cfg = yaml.safe_load((PAPER.parent / "models" / f"{model_key}.yaml").read_text())["model"]
     out = {k: cfg[k] for k in ("student", "teacher") if cfg.get(k)}
     if models_root:
         out = {k: str(Path(models_root) / Path(v).name) for k, v in out.items()}
@@ -85,16 +85,16 @@ def why_not(paths: dict[str, str], gpu_gb: float) -> Optional[str]:
 def build_stand_ins(root: Path) -> dict[str, str]:
     """Tiny Llama / Qwen2 checkpoints whose vocabulary covers the shipped samples and prompts."""
     from lightning_ctx.models.tiny import save_tiny_checkpoint
-    from lightning_ctx.tasks.mcqa import SysMCQADataModule
-    from lightning_ctx.tasks.safety import SafetyDataModule
+    from lightning_ctx.tasks.mcqa import SysMCQATask
+    from lightning_ctx.tasks.safety import SafetyTask
 
     words: set[str] = set()
-    for task, cls in (("medmcqa", SysMCQADataModule), ("safety", SafetyDataModule)):
-        dm = cls(train_file=str(DATA / f"sys_{task}_train_sample.jsonl"),
-                 val_file=str(DATA / f"sys_{task}_test_sample.jsonl"),
-                 system_prompt_file=str(DATA / f"sys_{task}_prompt.txt"))
+    for task, cls in (("medmcqa", SysMCQATask), ("safety", SafetyTask)):
+        data = cls(train_file=str(DATA / f"sys_{task}_train_sample.jsonl"),
+                   val_file=str(DATA / f"sys_{task}_test_sample.jsonl"),
+                   system_prompt_file=str(DATA / f"sys_{task}_prompt.txt"))
         for split in ("train", "val"):
-            words |= {w for r in dm.load_split_records(split) for w in (r.context + " " + r.prompt).split()}
+            words |= {w for r in data.load(split) for w in (r.context + " " + r.prompt).split()}
     extra = sorted(words)
     return {"llama": str(save_tiny_checkpoint(root / "llama", "llama", seed=2, extra_words=extra)),
             "qwen2": str(save_tiny_checkpoint(root / "qwen2", "qwen2", seed=2, extra_words=extra)),
@@ -122,7 +122,7 @@ def fit_argv(setting: str, method: str, paths: dict[str, str], experiment: str, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/paper.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models-root", default=None,
-                   help="folder holding the model folders (default: the paths written in experiments/paper/models)")
+                   help="folder holding the model folders (default: the paths written in experiments/models)")
     p.add_argument("--smoke", action="store_true", help="every setting on tiny CPU stand-ins, 2 steps")
     p.add_argument("--only", nargs="+", default=None, choices=SETTINGS, metavar="SETTING", help="these settings only")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -1,5 +1,6 @@
-"""``lightning-ctx compare``: read runs back from any tracking URI, print the comparison table and write
-``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` to ``--out-dir``."""
+"""``lightning-ctx compare``: read runs back from any tracking URI (their final metrics and per-example tables),
+print the comparison table and write ``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` to
+``--out-dir``."""
 
 from __future__ import annotations
 
@@ -10,22 +11,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.compare import (
-    COMPARE_METRICS,
     DEFAULT_GROUP_BY,
     DEFAULT_METHOD_KEY,
     KEY_SOURCES,
+    RunTable,
     best_k_values,
+    compare_metrics,
     compare_runs,
     format_compare_table,
     key_sources,
+    metric_registries,
     short_label,
     summary_lines,
 )
-from lightning_ctx.tracking import default_tracking_uri
+from lightning_ctx.eval.intervals import DEFAULT_RESAMPLES
+from lightning_ctx.tracking import open_store
+
+#: The per-example table each evaluation callback uploads per step: file -> (registry name, rows, retention rows).
+TABLE_FILES = {"examples.json": ("removability", "examples", "retention_examples"),
+               "transcripts.json": ("games", "games", None)}
 
 
 def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
-    """Bars per configuration and method (error bars = std over seeds), one panel per metric."""
+    """Bars per configuration and method, one panel per metric; error bars: the 95% interval over items when every
+    bar has one (the runs' per-example tables), else the std over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,6 +47,8 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     varying = [g for g in result["group_by"] if len({c["key"][g] for c in configs}) > 1] or list(result["group_by"])
     labels = [", ".join(short_label(c["key"][g]) for g in varying) or "all" for c in configs]
     width = 0.8 / max(1, len(methods))
+    cells = [c["methods"][method]["metrics"][m] for c in configs for method in c["methods"] for m in metrics]
+    intervals = bool(cells) and all("lo" in s and math.isfinite(s["lo"]) for s in cells)
     for ax, m in zip(axes, metrics):
         for j, method in enumerate(methods):
             xs, ys, es = [], [], []
@@ -48,8 +59,9 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
                 s = data["metrics"][m]
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(s["mean"])
-                es.append(s["std"] if s["n"] > 1 else 0.0)
-            ax.bar(xs, ys, width=width, yerr=es, capsize=3, label=method)
+                es.append((s["mean"] - s["lo"], s["hi"] - s["mean"]) if intervals
+                          else (s["std"] if s["n"] > 1 else 0.0,) * 2)
+            ax.bar(xs, ys, width=width, yerr=list(zip(*es)) if es else None, capsize=3, label=method)
         ax.set_ylabel(m)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
@@ -58,7 +70,8 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     axes[-1].set_xticklabels(labels, rotation=20 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
     axes[-1].set_xlabel(", ".join(varying))
     axes[0].legend(fontsize=8)
-    axes[0].set_title(f"{result['metric_prefix']}* (final), mean over seeds")
+    bars = "95% interval over items" if intervals else "std over seeds"
+    axes[0].set_title(f"{result['metric_prefix']}* (final), mean over seeds; bars: {bars}")
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
@@ -83,12 +96,13 @@ def write_compare_outputs(result: dict[str, Any], out_dir: str | Path, header_li
     with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(list(result["group_by"]) + ["method", "runs"]
-                   + [f"{m}_{s}" for m in result["metrics"] for s in ("mean", "std", "n")])
+                   + [f"{m}_{s}" for m in result["metrics"] for s in ("mean", "std", "n", "lo", "hi")])
         for c in result["configs"]:
             for method, data in c["methods"].items():
                 w.writerow([c["key"][g] if c["key"][g] is not None else "" for g in result["group_by"]]
                            + [method, len(data["runs"])]
-                           + [data["metrics"][m][s] for m in result["metrics"] for s in ("mean", "std", "n")])
+                           + [data["metrics"][m].get(s, "") for m in result["metrics"]
+                              for s in ("mean", "std", "n", "lo", "hi")])
 
     def _json_safe(x):
         if isinstance(x, float) and not math.isfinite(x):
@@ -112,8 +126,10 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 def build_compare_parser():
     import argparse
 
+    from lightning_ctx.console import PlainHelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="lightning-ctx compare",
+        prog="lightning-ctx compare", formatter_class=PlainHelpFormatter,
         description="Compare OPD (anchor weight 0) and anchored runs: final eval/* metrics averaged over seeds "
                     "per configuration, a paper-style table, Markdown/CSV/JSON/PNG outputs.")
     p.add_argument("--tracking-uri", default=None,
@@ -132,7 +148,14 @@ def build_compare_parser():
                    help="key whose value names the method: 0 -> baseline (OPD), > 0 -> anchored (default: "
                         "%(default)s = " + " | ".join(KEY_SOURCES[DEFAULT_METHOD_KEY]) + ")")
     p.add_argument("--baseline", default="OPD", help="name of the anchor-weight-0 method (default: %(default)s)")
-    p.add_argument("--metrics", default=",".join(COMPARE_METRICS), help="columns (default: %(default)s)")
+    p.add_argument("--metrics", default=None,
+                   help="columns, comma-separated (default: the registered compare metrics the runs logged: "
+                        + ", ".join(compare_metrics()) + ")")
+    p.add_argument("--metric-modules", default="", metavar="MODULES",
+                   help="Python modules to import first, comma-separated: they register more metrics")
+    p.add_argument("--n-resamples", type=int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the intervals from the runs' per-example tables (0 = no tables, "
+                        "point estimates only; default: %(default)s)")
     p.add_argument("--metric-prefix", default="eval/", help="metric name prefix (default: %(default)s)")
     p.add_argument("--best-k", type=int, default=None, metavar="K",
                    help="per run, the mean over its K best evaluation steps (OPCD: the 3 best checkpoints) instead "
@@ -169,6 +192,56 @@ def _histories(client, run, metrics, prefix: str, by: Optional[str]) -> dict[str
     return out
 
 
+def final_table(client, run_id: str, metric_prefix: str = "eval/") -> Optional[RunTable]:
+    """The run's per-example table of its last evaluation under the prefix's folder (``eval/step_NNNNNN/``) as
+    per-item metrics of the compared namespace (``eval/sampled/`` -> the ``sampled/*`` metrics); None without one."""
+    import re
+    import tempfile
+
+    from lightning_ctx.eval.registry import ItemRows
+
+    base, _, namespace = metric_prefix.partition("/")
+    steps = []
+    for f in client.list_artifacts(run_id, base):
+        m = re.fullmatch(rf"{re.escape(base)}/step_(\d+)", f.path)
+        if f.is_dir and m:
+            steps.append((int(m.group(1)), f.path))
+    if not steps:
+        return None
+    folder = max(steps)[1]
+    present = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
+    registries = {reg.name: reg for reg in metric_registries()}
+    for name, (registry, rows_key, retention_key) in TABLE_FILES.items():
+        if name not in present:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            payload = json.loads(Path(client.download_artifacts(run_id, f"{folder}/{name}", tmp)).read_text())
+        if not isinstance(payload, dict):  # not a table this package wrote: no per-item data
+            return None
+        rows = ItemRows(payload.get(rows_key) or [], payload.get(retention_key) or [] if retention_key else [])
+        if not rows.examples:
+            return None
+        return RunTable.of(registries[registry], rows, namespace)
+    return None
+
+
+def _final_tables(client, runs, metric_prefix: str) -> dict[str, RunTable]:
+    """Run id -> its final table, for the runs that have one (MLflow's download progress bars off meanwhile)."""
+    import os
+
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        found = {r.info.run_id: final_table(client, r.info.run_id, metric_prefix) for r in runs}
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    return {rid: t for rid, t in found.items() if t is not None}
+
+
 def compare_main(argv: list[str]) -> int:
     """``lightning-ctx compare``: select runs, group, print the table, write outputs. Exit 1 if nothing matches."""
     import sys
@@ -178,11 +251,19 @@ def compare_main(argv: list[str]) -> int:
 
     args = build_compare_parser().parse_args(argv)
     err = lambda msg: print(f"lightning-ctx compare: {msg}", file=sys.stderr)  # noqa: E731
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = open_store(args.tracking_uri)  # a moved store re-rooted (lightning_ctx.store)
     group_by = _split_list([args.group_by])
-    metrics = _split_list([args.metrics])
-    if not metrics:
+    metrics = _split_list([args.metrics]) if args.metrics is not None else None
+    if metrics is not None and not metrics:
         err("--metrics is empty")
+        return 1
+    from lightning_ctx.errors import ConfigError
+    from lightning_ctx.eval.registry import import_metric_modules
+
+    try:
+        import_metric_modules(_split_list([args.metric_modules]))
+    except ConfigError as e:
+        err(str(e))
         return 1
     try:
         for spec in group_by + [args.method_key]:
@@ -228,13 +309,17 @@ def compare_main(argv: list[str]) -> int:
     if args.best_k is not None and args.best_k < 1:
         err(f"--best-k must be >= 1, got {args.best_k}")
         return 1
-    values = None
+    metrics = metrics if metrics is not None else compare_metrics(runs, args.metric_prefix)
+    values = tables = None
     if args.best_k is not None:
         values = {r.info.run_id: best_k_values(_histories(client, r, metrics, args.metric_prefix, args.best_by),
                                                args.best_k, metrics, args.metric_prefix, args.best_by,
                                                args.best_min_step) for r in runs}
+    elif args.n_resamples > 0:
+        tables = _final_tables(client, runs, args.metric_prefix)
     result = compare_runs(runs, group_by=group_by, method_key=args.method_key, metrics=metrics,
-                          metric_prefix=args.metric_prefix, baseline=args.baseline, values=values)
+                          metric_prefix=args.metric_prefix, baseline=args.baseline, values=values, tables=tables,
+                          n_resamples=max(args.n_resamples, 1))
     if result["n_runs"] == 0:
         err(f"{len(runs)} run(s) matched but none has {args.metric_prefix}* metrics ({where}); were they "
             "trained with lightning_ctx.eval.ContextRemovabilityCallback?")
@@ -244,6 +329,12 @@ def compare_main(argv: list[str]) -> int:
         + (f", chosen by {args.best_by}" if args.best_by else ", each metric its own") + ") of")
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
               f"method from {args.method_key}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
+    if result["n_with_tables"]:
+        header.append(f"[lo, hi]: 95% bootstrap interval over items ({result['n_with_tables']} of {result['n_runs']} "
+                      "runs have their final per-example table); Δ rows: the paired interval of the difference "
+                      "(the same items resampled for both methods and all seeds).")
+    elif args.best_k is not None:
+        header.append("--best-k: point estimates only (the intervals come from the final evaluation's tables).")
     if result["skipped"]:
         header.append(f"{len(result['skipped'])} matched run(s) without {args.metric_prefix}* metrics were skipped.")
     table = format_compare_table(result)

@@ -1,7 +1,8 @@
 """``make demo``: distill the SHOW context into the built-in rule-world base, three ways, and compare.
 
-Arms: the world task base stacked with each method file shipped in the package (``builtin:world.yaml``
-+ ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as ``experiments/world_*.yaml``):
+Arms: the world's task, model and evaluation stacked with each method file shipped in the package
+(``builtin:world.yaml`` + ``builtin:methods/{opd,anchored,anchored_retain}.yaml``, the same stacks as
+``experiments/world_*.yaml``):
 plain OPD (anchor 0), anchored OPD (anchor 0.5), anchored OPD plus the retention term. Each run is a normal
 ``lightning-ctx fit`` (in this process, to pay the import cost once), tracked in ``./mlruns``; the table is
 read back from MLflow.
@@ -38,7 +39,8 @@ def fit_run(configs: list[str], seed: int, steps: int | None, root: Path, experi
                            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
                            "--trainer.logger.init_args.experiment_name", experiment,
                            "--trainer.logger.init_args.run_name", run_name,
-                           *(["--model.lr", str(lr)] if lr is not None else []), *extra])
+                           *(["--model.lr", str(lr)] if lr is not None else []), *extra],
+                     print_summary=False)  # the demo prints one table for all arms instead
     return cli.trainer.logger.run_id
 
 
@@ -46,7 +48,7 @@ def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment
             lr: float | None = None) -> str:
     """One ``fit`` of the world task with ``arm``'s method config; returns the MLflow run id."""
     return fit_run([TASK, ARMS[arm]], seed, steps, root, experiment, f"world-{arm}-{target}-s{seed}", lr,
-                   ("--data.init_args.target_context", target))
+                   ("--data.task.target_context", target))
 
 
 def final_metrics(run_id: str) -> dict[str, float]:
@@ -56,11 +58,18 @@ def final_metrics(run_id: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
-def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[tuple[int, float]]]:
+def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[tuple]]:
+    """``{metric: [(step, value, lo, hi), ...]}`` (``(step, value)`` for a run logged without intervals)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    return {m: [(h.step, h.value) for h in client.get_metric_history(run_id, f"eval/{m}")] for m in metrics}
+    out = {}
+    for m in metrics:
+        hist = {name: {h.step: h.value for h in client.get_metric_history(run_id, f"eval/{name}")}
+                for name in (m, f"{m}_lo", f"{m}_hi")}
+        lo, hi = hist[f"{m}_lo"], hist[f"{m}_hi"]
+        out[m] = [(s, v, lo[s], hi[s]) if s in lo and s in hi else (s, v) for s, v in sorted(hist[m].items())]
+    return out
 
 
 def plot_runs(run_ids: dict[str, str], path: Path, metrics: tuple[str, ...], title: str,
@@ -127,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\nharm = share of items right without the context that turn wrong when it is given back.")
     print(f"Harm and retention over steps, all arms on one plot: {', '.join(map(str, plots))} (also in each run)")
-    print("Runs are in ./mlruns: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    print(f"\nRuns are in ./mlruns, experiment {args.experiment!r}; each holds its student as the artifact model/.")
+    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
+    print(f"  .venv/bin/lightning-ctx compare --experiment {args.experiment}")
+    print(f"  .venv/bin/lightning-ctx export --run-id {run_ids[args.arms[-1]]} --out exports/{args.arms[-1]}"
+          f"   # the {LABELS[args.arms[-1]]} student as a save_pretrained folder")
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from lightning_ctx import objectives
-from lightning_ctx.data.datamodule import ContextPairBatch
+from lightning_ctx.data.batches import ContextPairBatch
 from lightning_ctx.models.scoring import ScoringInputs, join_prompt_and_response, response_logits
 from lightning_ctx.rollout import Rollout
 

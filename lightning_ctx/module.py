@@ -25,22 +25,31 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ctx.checkpointing import add_run_state, restore_rng_states, rng_states_for_rank, save_beside_checkpoints
-from lightning_ctx.data.datamodule import ContextPairBatch, ContextPairDataModule
+from lightning_ctx.data.batches import ContextPairBatch
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.distributed import StepTokens, any_rank, global_token_scale, is_sharded
 from lightning_ctx.knobs import Check, ConfigError, above, at_least, check_class_args, non_empty, one_of, within
 from lightning_ctx.loss import DistillationLoss, LossTerm
 from lightning_ctx.models.loading import DTYPES, ModelError, load_model_config
 from lightning_ctx.models.scoring import response_logits
 from lightning_ctx.models.teachers import build_student_and_teacher, check_model_choices
+from lightning_ctx.objectives import ConsistencyDirection, DivergenceKind, Scope
 from lightning_ctx.optim import build_optimizer
 from lightning_ctx.rollout import ENGINES, Rollout, SamplingSettings, build_engine, eos_ids_for, sample_responses
 from lightning_ctx.rollout_episodes import EpisodeBatch
+
+ROLLOUT = "rollout"  # what a non-finite step names when the student's sampling distribution itself was non-finite
 
 
 def nonfinite_message(step: int, bad: Optional[str], terms: dict[str, torch.Tensor], saved: Optional[str],
                       names: Sequence[str]) -> str:
     values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names if k in terms)
-    what = f"term '{bad}' = {terms[bad].item()} ({values})" if bad else f"on another rank (this rank's: {values})"
+    if bad == ROLLOUT:
+        what = "the student's next-token probabilities while sampling the rollout (the weights have diverged)"
+    elif bad:
+        what = f"term '{bad}' = {terms[bad].item()} ({values})"
+    else:
+        what = f"on another rank (this rank's: {values or 'its rollout failed'})"
     return (f"non-finite loss at step {step}: {what}"
             + (f"; state before this step saved to {saved}" if saved else "")
             + "; set model.on_nonfinite=skip to skip such steps instead")
@@ -122,19 +131,15 @@ class OnPolicyDistillation(pl.LightningModule):
         Check("opd_weight", lambda v: v > 0, "> 0: it is the only loss term",
               when=lambda a: not a["anchor_weight"] and not a["retain_weight"] and not a.get("extra_terms"),
               hint="or add a term (model.extra_terms)"),
-        within("jsd_beta", 0, 1),
-        one_of("divergence", ("reverse_kl", "forward_kl", "jsd", "sampled")), one_of("scope", ("full", "topk")),
+        within("jsd_beta", 0, 1),  # the Literal-typed choices (divergence, scope, ...) are checked from their types
         at_least("topk", 1), at_least("chunk_size", 1), at_least("auto_chunk_mib", 1),
         Check("topk_renormalize", lambda v: not v, "has no effect unless model.scope is topk",
               when=lambda a: a["scope"] != "topk", hint="set model.scope: topk or model.topk_renormalize: false"),
-        one_of("anchor_direction", ("forward", "reverse", "symmetric")),
         at_least("max_new_tokens", 1),
         above("temperature", 0, when=lambda a: not a["greedy_rollout"], hint="or set model.greedy_rollout: true"),
         within("top_p", 0, 1, low_open=True), at_least("top_k", 0), one_of("rollout_engine", sorted(ENGINES)),
-        one_of("optimizer", ("adamw", "adamw8bit")), above("lr", 0), at_least("weight_decay", 0),
-        at_least("warmup_steps", 0), one_of("lr_schedule", ("constant", "cosine")), within("min_lr_ratio", 0, 1),
+        above("lr", 0), at_least("weight_decay", 0), at_least("warmup_steps", 0), within("min_lr_ratio", 0, 1),
         one_of("dtype", sorted(DTYPES)), one_of("teacher_dtype", sorted(DTYPES)),
-        one_of("teacher_quantization", ("4bit", "8bit")), one_of("on_nonfinite", ("raise", "skip")),
     )
 
     def __init__(
@@ -145,16 +150,16 @@ class OnPolicyDistillation(pl.LightningModule):
         anchor_weight: float = 0.0,
         retain_weight: float = 0.0,
         extra_terms: Optional[list[LossTerm]] = None,
-        divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled"] = "reverse_kl",
+        divergence: Literal[DivergenceKind, "sampled"] = "reverse_kl",
         jsd_beta: float = 0.5,
-        scope: Literal["full", "topk"] = "full",
+        scope: Scope = "full",
         topk: int = 256,
         topk_union_teacher: bool = False,
         topk_renormalize: bool = False,
         chunk_size: Optional[int] = None,
         auto_chunk: bool = True,
         auto_chunk_mib: int = 256,
-        anchor_direction: Literal["forward", "reverse", "symmetric"] = "forward",
+        anchor_direction: ConsistencyDirection = "forward",
         detach_anchor: bool = True,
         max_new_tokens: int = 32,
         temperature: float = 1.0,
@@ -238,7 +243,7 @@ class OnPolicyDistillation(pl.LightningModule):
         retention term needs other contexts to retain (else it would silently be plain OPD)."""
         if self.hparams.retain_weight > 0 and not datamodule.retain_contexts:
             raise ConfigError(f"is {self.hparams.retain_weight}, but there are no other contexts to retain: set "
-                              "data.retain_contexts (data.retain_others: true on the world), or model.retain_weight: 0",
+                              "data.retain_contexts or data.retain_others: true, or model.retain_weight: 0",
                               field="model.retain_weight")
         limit = getattr(self.model_config, "max_position_embeddings", None)
         if limit is None:
@@ -251,7 +256,7 @@ class OnPolicyDistillation(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if isinstance(dm, ContextPairDataModule):
+        if isinstance(dm, TaskDataModule):
             dm.connect(self.tokenizer)
             self.check_data(dm)
 
@@ -317,11 +322,16 @@ class OnPolicyDistillation(pl.LightningModule):
         return terms, rollouts[self.objective.rollouts[0]]
 
     def training_step(self, batch: ContextPairBatch, batch_idx: int):
-        terms, rollout = self.model_step(batch, local=True)
         trainer = self.trainer if self._trainer is not None else None
+        try:
+            terms, rollout = self.model_step(batch, local=True)
+            bad = first_nonfinite(terms, self.step_tokens.names[:-2])
+        except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities: the same as a non-finite loss
+            if "probability tensor contains" not in str(err):
+                raise
+            terms, rollout, bad = {}, None, ROLLOUT
         # All ranks decide together: a rank that skipped (or raised) alone would leave the others waiting in
         # the gradient all-reduce.
-        bad = first_nonfinite(terms, self.step_tokens.names[:-2])
         if any_rank(trainer, bad is not None):
             return self._nonfinite_step(trainer, bad, terms)
         self.log_terms("train", terms, rollout, batch_size=len(batch))
@@ -386,7 +396,7 @@ class OnPolicyDistillation(pl.LightningModule):
         """One dummy decode of the training shape (batch size, longest prompt) before the timed steps: compilation,
         CUDA graph capture and the static cache's sizing then stay out of them."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not isinstance(dm, ContextPairDataModule):
+        if not isinstance(dm, TaskDataModule):
             return None
         seconds = self.engine.warmup(self.student, dm.batch_size, dm.longest_prompt(), self.sampling,
                                      self.eos_token_ids, self.pad_token_id)

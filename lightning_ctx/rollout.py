@@ -14,13 +14,17 @@ Engines (``model.rollout_engine``):
   The static cache is sized once for the longest prompt + ``max_new_tokens`` (``max_cache_len``, set by
   ``warmup``): every batch then gets a cache of the same shape (transformers 5.24 allocates a new one per
   call), so the compiled decode step is reused instead of recompiled for each new prompt width. Prompts
-  longer than that grow the cache (and recompile once).
+  longer than that grow the cache (and recompile once). ``max_cache_len`` is passed only where
+  ``GenerationConfig`` knows it (transformers >= 5.13; older ``generate`` rejects it): there each call sizes
+  its own cache.
 * ``hf_static_nocompile``: static cache, compilation disabled (``disable_compile=True``).
 * ``hf_static_compile``: static cache, compilation forced on every device (``CompileConfig`` with
   ``_compile_all_devices``). Works on a CPU but the first call compiles for ~70 s on a tiny model.
 * ``loop``: ``DecodeLoopEngine``, a lean prefill + per-token forward loop (dynamic KV cache) without
   ``generate``'s per-step machinery; same greedy tokens as ``hf`` and, for the same RNG state, the same
   samples. Fastest on a CPU; it also ignores sampling defaults in the checkpoint's ``generation_config``.
+  It passes the cache under the name the model's forward takes (``cache_argument``): ``cache`` from
+  transformers 5.24, ``past_key_values`` before; a forward that took the other name would ignore it silently.
 
 ``warmup(model, batch_size, prompt_len, settings, eos_token_ids, pad_token_id)`` decodes a few tokens for one
 dummy batch of the training shape before the timed steps (``OnPolicyDistillation.on_fit_start`` calls it): the first
@@ -48,12 +52,14 @@ loss; they only make the samples slightly off-policy.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
 
+from lightning_ctx.errors import ModelError
 from lightning_ctx.models.scoring import eval_mode
 
 
@@ -151,7 +157,7 @@ class HFGenerateEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
-            if self.max_cache_len is not None:
+            if self.max_cache_len is not None and _generation_config_knows("max_cache_len"):
                 kwargs["max_cache_len"] = self.max_cache_len
             if self.compile is False:
                 kwargs["disable_compile"] = True
@@ -230,9 +236,10 @@ class DecodeLoopEngine:
         mask = prompt_mask.long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         config = getattr(model, "config", None)
-        cache = DynamicCache(config=config.get_text_config(decoder=True) if config is not None else None)
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1)
+        cache = {cache_argument(model): DynamicCache(
+            config=config.get_text_config(decoder=True) if config is not None else None)}
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **cache)
         next_pos = positions[:, -1:] + 1
         unfinished = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         tokens = []
@@ -253,8 +260,8 @@ class DecodeLoopEngine:
             if step + 1 == settings.max_new_tokens or not (settings.sync_ranks or bool(unfinished.any())):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,  # noqa: F841
-                        use_cache=True)  # (read at the top of the next step; ruff misses it across the `del`)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,  # noqa: F841
+                        use_cache=True, **cache)  # (read at the top of the next step; ruff misses it across the `del`)
             next_pos = next_pos + 1
         return torch.cat([prompt_ids, torch.stack(tokens, dim=1)], dim=1)
 
@@ -273,6 +280,35 @@ class DecodeLoopEngine:
             self.generate(model, ids, torch.ones_like(ids), greedy, eos_token_ids, pad_token_id)
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
+
+
+def _generation_config_knows(name: str) -> bool:
+    """Whether ``generate`` takes ``name`` (a ``GenerationConfig`` field of the installed transformers)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), name)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24, then every earlier version
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes its KV cache (``CACHE_ARGUMENTS``).
+
+    Read from the forward signature, looking through wrappers whose forward hides it behind ``**kwargs`` and
+    passes it on: PEFT (``get_base_model()``), ``torch.compile`` (``_orig_mod``), DDP/FSDP (``module``).
+    """
+    seen, current = set(), model
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        params = inspect.signature(current.forward).parameters
+        for name in CACHE_ARGUMENTS:
+            if name in params:
+                return name
+        unwrap = getattr(current, "get_base_model", None)
+        current = unwrap() if callable(unwrap) else getattr(current, "_orig_mod", getattr(current, "module", None))
+    raise ModelError(f"rollout_engine 'loop': the forward of {type(model).__name__} takes none of "
+                     f"{list(CACHE_ARGUMENTS)} (a KV cache); use rollout_engine 'hf'")
 
 
 ENGINES = {"hf": lambda: HFGenerateEngine(False), "hf_static": lambda: HFGenerateEngine(True, compile="auto"),

@@ -31,7 +31,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from lightning_ctx.data.datamodule import ContextPairBatch
+from lightning_ctx.data.batches import ContextPairBatch
 from lightning_ctx.data.render import left_pad
 from lightning_ctx.errors import DataError
 from lightning_ctx.rollout import Rollout
@@ -81,7 +81,7 @@ class ChatFormat:
             ids = tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])
             if any(i is None or i == tokenizer.unk_token_id for i in ids):
                 raise DataError(f"keep_reasoning: false needs {THINK_OPEN} and {THINK_CLOSE} tokens in the vocabulary",
-                                path=getattr(tokenizer, "name_or_path", None), field="data.keep_reasoning")
+                                path=getattr(tokenizer, "name_or_path", None), field="data.task.keep_reasoning")
             self.think_ids = tuple(ids)
         self.end_of_turn, self.feedback_prefix, self.feedback_suffix = self._feedback_template()
 

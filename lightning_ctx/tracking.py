@@ -21,6 +21,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_ctx.store import reroot_artifacts
+
 DEFAULT_STORE_DIR = "mlruns"
 DEFAULT_EXPERIMENT = "lightning-ctx"
 
@@ -59,6 +61,14 @@ def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def open_store(uri: Optional[str] = None) -> str:
+    """The tracking URI to use (``uri``, else :func:`default_tracking_uri`), with the artifact locations of a moved or
+    copied SQLite store pointed at its folder (:func:`lightning_ctx.store.reroot_artifacts`)."""
+    uri = uri or default_tracking_uri()
+    reroot_artifacts(uri)
+    return uri
+
+
 def _sqlite_dir(uri: str) -> Optional[Path]:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).parent
@@ -70,7 +80,7 @@ class MLflowLogger(MLFlowLogger):
 
     Under DDP/FSDP the MLflow experiment and run exist on global rank 0 only (other ranks get Lightning's
     dummy experiment): every method overridden here that talks to MLflow is rank-zero-only, like the ones it
-    overrides (docs/design.md, "Pitfalls").
+    overrides (docs/design.md, "Pitfalls we design around").
 
     Args mirror ``MLFlowLogger``; ``tracking_uri=None`` means :func:`default_tracking_uri`.
     """
@@ -80,6 +90,8 @@ class MLflowLogger(MLFlowLogger):
                  artifact_location: Optional[str] = None, run_id: Optional[str] = None,
                  log_model: bool = False, prefix: str = "", synchronous: Optional[bool] = None):
         uri = tracking_uri or default_tracking_uri()
+        if rank_zero_only.rank == 0:
+            reroot_artifacts(uri)  # a moved or copied store: its artifacts stay reachable (lightning_ctx.store)
         tags = {**(tags or {}), **version_tags()}  # a new run gets them at creation (see ``experiment``)
         store = _sqlite_dir(uri)
         if store is not None:

@@ -22,24 +22,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "docs" / "config_reference.md"
 
-DATA_MODULES = (
-    ("lightning_ctx.data.datamodule.ContextPairDataModule", "JSONL files with `{id, context, prompt, answer}` records "
-                                                            "(the default)"),
-    ("lightning_ctx.tasks.world.WorldDataModule", "the built-in rule world, records generated from seeds"),
-    ("lightning_ctx.tasks.mcqa.MCQADataModule",
-     "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
-    ("lightning_ctx.tasks.mcqa.SysMCQADataModule",
+DATA_MODULE = "lightning_ctx.data.datamodule.TaskDataModule"
+TASKS = (
+    ("lightning_ctx.data.task.JSONLTask", "JSONL files with `{id, context, prompt, answer}` records (the default)"),
+    ("lightning_ctx.tasks.world.WorldTask", "the built-in rule world, records generated from seeds"),
+    ("lightning_ctx.tasks.mcqa.MCQATask", "raw MedMCQA-style multiple-choice files, the context = a system prompt"),
+    ("lightning_ctx.tasks.mcqa.SysMCQATask",
      "MedMCQA in OPCD's system-prompt protocol: export files (parquet / JSONL), the answer as `<answer>X</answer>`"),
-    ("lightning_ctx.tasks.safety.SafetyDataModule",
+    ("lightning_ctx.tasks.safety.SafetyTask",
      "safety verdicts in OPCD's system-prompt protocol: export files, the answer as `<answer>yes|no</answer>`"),
-    ("lightning_ctx.tasks.frozenlake.FrozenLakeDataModule", "the FrozenLake text game, maps generated from seeds"),
-    ("lightning_ctx.tasks.games.GamesDataModule",
+    ("lightning_ctx.tasks.frozenlake.FrozenLakeTask", "the FrozenLake text game, maps generated from seeds"),
+    ("lightning_ctx.tasks.games.GamesTask",
      "multi-turn TextArena games (Sokoban, FrozenLake), the context = an experience text"),
 )
-CALLBACK = "lightning_ctx.eval.ContextRemovabilityCallback"
+#: Bases other tasks build on, not configured themselves (their knobs are listed with each subclass).
+TASK_BASES = ("lightning_ctx.data.task.Task", "lightning_ctx.data.exports.ExportTask")
+CALLBACKS = (
+    ("lightning_ctx.eval.ContextRemovabilityCallback",
+     "the context-removability evaluation (metrics `eval/*`, `ref/*`, per-example tables and plots)",
+     "builtin:eval/removability.yaml"),
+    ("lightning_ctx.tasks.games.GameEvalCallback",
+     "the text games' evaluation (pass rates with and without the experience, the oracle's ceiling and the random "
+     "player's floor, transcripts)", "builtin:eval/games.yaml"),
+)
+#: The base of the evaluation callbacks (its knobs are listed with each of them).
+CALLBACK_BASES = ("lightning_ctx.eval.base_callback.EvaluationCallback",)
+#: Callbacks the CLI configures itself, documented elsewhere on this page or not configurable.
+CLI_CALLBACKS = ("lightning_ctx.checkpointing.RunCheckpoint", "lightning_ctx.progress.StepProgressBar",
+                 "lightning_ctx.progress.StepLogProgress", "lightning_ctx.tracking.MLflowConfigCallback",
+                 "lightning_ctx.export.ModelExport", "lightning_ctx.console.CompactModelSummary")
 LOGGER = "lightning_ctx.tracking.MLflowLogger"
 MODULE = "lightning_ctx.module.OnPolicyDistillation"
 CHECKPOINT = "lightning_ctx.checkpointing.RunCheckpoint"
+EXPORT = "lightning_ctx.export.ModelExport"
 
 # Trainer arguments worth listing (every Lightning Trainer argument is accepted).
 TRAINER_KNOBS = {
@@ -80,6 +95,31 @@ def printed_config(*extra: str) -> dict:
 def resolve(path: str):
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
+
+
+def package_subclasses(base: type) -> set[str]:
+    """Dotted paths of every class in ``lightning_ctx`` that derives from ``base`` (by its defining module)."""
+    import pkgutil
+
+    import lightning_ctx
+
+    for info in pkgutil.walk_packages(lightning_ctx.__path__, "lightning_ctx."):
+        if not info.name.endswith(".__main__"):  # a command, not a module to import
+            importlib.import_module(info.name)
+    found, todo = set(), [base]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("lightning_ctx."):
+                found.add(f"{sub.__module__}.{sub.__qualname__}")
+    return found
+
+
+def canonical(path: str) -> str:
+    """``path`` as its defining module names it (``lightning_ctx.tasks.world.WorldTask`` ->
+    ``lightning_ctx.tasks.world.task.WorldTask``)."""
+    cls = resolve(path)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 _ENTRY = re.compile(r"^    (?P<names>[A-Za-z_`][^:]*?):\s+(?P<text>.*)$")
@@ -130,36 +170,35 @@ def arg_docs(cls) -> dict[str, str]:
     return out
 
 
-# Knobs the data modules inherit without documenting them.
-COMMON_DOCS = {
-    "num_workers": "DataLoader worker processes",
-    "shuffle": "shuffle the training records (seeded epoch permutations; a resumed run continues the same order)",
-    "seed": "seed of the training order (and of per-draw choices such as the retention context)",
-}
-
-
 def signature_defaults(cls) -> dict:
-    """``{parameter: default}`` of ``cls.__init__`` (the class's own defaults).
-
-    Used for classes picked by ``class_path``: LightningCLI's ``--print_config`` of a non-default data class
-    shows the *default* class's values for shared arguments (jsonargparse issue #460), not the class's own.
-    """
+    """``{parameter: default}`` of ``cls.__init__`` and of the bases it passes ``**kwargs`` on to (the class's own
+    defaults, for classes picked by ``class_path``: ``--print_config`` shows the default class's only)."""
     out = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
-        if name in ("self", "args", "kwargs") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        out[name] = None if p.default is inspect.Parameter.empty else p.default
+    for klass in _passes_kwargs_to(cls):
+        for name, p in inspect.signature(klass.__init__).parameters.items():
+            if name in ("self", "args", "kwargs") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            out[name] = None if p.default is inspect.Parameter.empty else p.default
     return out
 
 
-def class_docs(cls, base=None) -> dict[str, str]:
-    """The ``Args:`` of ``base``, then of every class between it and ``cls`` (an intermediate base such as
-    ``ExportDataModule`` documents the knobs its subclasses share), the most derived winning."""
-    docs = dict(COMMON_DOCS)
-    if base is not None:
-        docs.update(arg_docs(base))
-    mro = cls.__mro__
-    for klass in reversed(mro[: mro.index(base)] if base in mro else (cls,)):
+def _passes_kwargs_to(cls) -> list:
+    """``cls`` and the bases its ``__init__`` passes ``**kwargs`` on to (jsonargparse reads their arguments too),
+    the most basic first."""
+    chain = [cls]
+    for klass in cls.__mro__[1:]:
+        params = inspect.signature(chain[-1].__init__).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params) or "__init__" not in vars(klass):
+            continue
+        chain.append(klass)
+    return chain[::-1]
+
+
+def class_docs(cls) -> dict[str, str]:
+    """The ``Args:`` of ``cls`` and of its bases (an intermediate base such as ``ExportTask`` documents the knobs its
+    subclasses share), the most derived winning."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
         docs.update(arg_docs(klass))
     return docs
 
@@ -202,35 +241,51 @@ def render() -> str:
         "",
         *_table("model.", base["model"], arg_docs(resolve(MODULE))),
         "",
-        "## `data.*`: data modules",
+        f"## `data.*`: `{DATA_MODULE.rsplit('.', 1)[1]}`",
         "",
-        "Pick one with `data.class_path` (default `ContextPairDataModule`); its knobs go under `data.init_args`",
-        "(on the command line `--data.init_args.batch_size 16`, or `--data.batch_size 16`). Defaults below are each",
-        "class's own; when you switch the class, set the knobs you rely on explicitly (the shipped configs do):",
-        "LightningCLI may keep the default class's value for an argument both classes share.",
+        "The one DataModule: what every task shares (batching, rendering, the retention term's contexts, the eval",
+        "cap, resumable sharded sampling). On the command line `--data.batch_size 16`.",
+        "",
+        *_table("data.", {k: v for k, v in base["data"].items() if k != "task"}, class_docs(resolve(DATA_MODULE))),
+        "",
+        "## `data.task`: tasks",
+        "",
+        "Pick one by class path; its knobs go under `data.task.init_args` (on the command line",
+        "`--data.task.init_args.n_train 64` or `--data.task.n_train 64`). A task from outside the package is named",
+        "the same way (`class_path: mypackage.MyTask`, a `lightning_ctx.data.task.Task` subclass).",
+        "",
+        "```yaml",
+        "data:",
+        "  task:",
+        "    class_path: lightning_ctx.tasks.world.WorldTask",
+        "    init_args: {target_context: SHOW}",
+        "  batch_size: 64",
+        "```",
         "",
     ]
-    base_data = resolve(DATA_MODULES[0][0])
-    for path, what in DATA_MODULES:
+    for path, what in TASKS:
         cls = resolve(path)
-        values = base["data"]["init_args"] if cls is base_data else signature_defaults(cls)
         out += [f"### `{path}`", "", f"{what[0].upper()}{what[1:]}.", "",
-                *_table("data.", values, class_docs(cls, base_data)), ""]
+                *_table("data.task.init_args.", signature_defaults(cls), class_docs(cls)), ""]
     out += [
-        f"## `trainer.callbacks`: `{CALLBACK}`",
+        "## `trainer.callbacks`: evaluations",
         "",
-        "The context-removability evaluation (metrics `eval/*`, `ref/*`, per-example tables and plots). "
-        "Add it in YAML:",
+        "Each evaluation file of the `eval` group appends its callback with jsonargparse's list append",
+        "(`callbacks+:`), so evaluations stack without restating each other; a plain `callbacks:` list replaces",
+        "every callback configured before it:",
         "",
         "```yaml",
         "trainer:",
-        "  callbacks:",
-        f"    - class_path: {CALLBACK}",
+        "  callbacks+:",
+        f"    - class_path: {CALLBACKS[0][0]}",
         "      init_args: {every_n_steps: 50, eval_at_start: true}",
         "```",
         "",
-        *_table("", signature_defaults(resolve(CALLBACK)), arg_docs(resolve(CALLBACK))),
-        "",
+    ]
+    for path, what, config in CALLBACKS:
+        out += [f"### `{path}`", "", f"{what[0].upper()}{what[1:]}; shipped as `{config}`.", "",
+                *_table("", signature_defaults(resolve(path)), class_docs(resolve(path))), ""]
+    out += [
         f"## `trainer.logger`: `{LOGGER}` (the default)",
         "",
         *_table("", signature_defaults(resolve(LOGGER)), arg_docs(resolve(LOGGER)),
@@ -243,6 +298,13 @@ def render() -> str:
         "`<trainer.default_root_dir>/checkpoints`); `--ckpt_path last` resumes the run and its MLflow run.",
         "",
         *_table("checkpoint.", base["checkpoint"], {}, fallback="see Lightning's `ModelCheckpoint`"),
+        "",
+        f"## `export.*`: `{EXPORT}`",
+        "",
+        "At the end of fit, the student as a `save_pretrained` folder (merged LoRA unless `adapter_only`); "
+        "`lightning-ctx export` writes the same from a checkpoint or a run afterwards.",
+        "",
+        *_table("export.", base["export"], arg_docs(resolve(EXPORT))),
         "",
         "## `trainer.*`: Lightning `Trainer` (selection)",
         "",

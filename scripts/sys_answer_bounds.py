@@ -73,22 +73,22 @@ def printed_config(config: Path, *overrides: str) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
-def build_data_module(data_cfg: dict, scoring: str):
-    """The config's data module with ``scoring``; relative paths are taken from the repository root."""
-    module, name = data_cfg["class_path"].rsplit(".", 1)
+def build_task(data_cfg: dict, scoring: str):
+    """The config's task with ``scoring``; relative paths are taken from the repository root."""
+    module, name = data_cfg["task"]["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     accepted = inspect.signature(cls.__init__).parameters
-    args = {k: v for k, v in data_cfg["init_args"].items() if k in accepted}  # print_config may add the default
-    for key in ("train_file", "val_file", "test_file", "system_prompt_file"):  # class's shared arguments
+    args = {k: v for k, v in data_cfg["task"]["init_args"].items() if k in accepted}
+    for key in ("train_file", "val_file", "test_file", "system_prompt_file"):  # the tasks' shared arguments
         if args.get(key) and not Path(args[key]).is_absolute():
             args[key] = str(REPO / args[key])
     return cls(**{**args, "scoring": scoring})
 
 
-def task_of(data_module) -> str:
-    from lightning_ctx.tasks.safety import SafetyDataModule
+def task_of(task) -> str:
+    from lightning_ctx.tasks.safety import SafetyTask
 
-    return "safety" if isinstance(data_module, SafetyDataModule) else "medmcqa"
+    return "safety" if isinstance(task, SafetyTask) else "medmcqa"
 
 
 def measure(config: Path, *overrides: str, printed: dict | None = None) -> dict[str, dict[str, dict]]:
@@ -96,12 +96,12 @@ def measure(config: Path, *overrides: str, printed: dict | None = None) -> dict[
     data_cfg = (printed or printed_config(config, *overrides))["data"]
     out: dict[str, dict[str, dict]] = {}
     for scoring in SCORINGS:
-        dm = build_data_module(data_cfg, scoring)
-        out[scoring] = {"verifier": dm.verifier_name}
+        task = build_task(data_cfg, scoring)
+        out[scoring] = {"verifier": task.verifier_name}
         for split in ("train", "val", "test"):
-            records = dm.load_split_records(split)
+            records = task.load(split)
             if records:
-                out[scoring][split] = bounds(records, dm.verifier, task_of(dm))
+                out[scoring][split] = bounds(records, task.verifier, task_of(task))
     return out
 
 

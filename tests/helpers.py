@@ -8,9 +8,11 @@ import re
 
 import torch
 
-from lightning_ctx.data.datamodule import ContextPairDataModule, PairCollator
+from lightning_ctx.data.batches import PairCollator
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import TaskRecord
 from lightning_ctx.data.render import PromptRenderer
+from lightning_ctx.data.task import JSONLTask
 from lightning_ctx.eval import EvalSettings, Evaluator
 from lightning_ctx.rollout import Rollout, response_mask_from_ids
 
@@ -22,6 +24,19 @@ def make_records(n, context="ADD2", seed=0, prefix="r"):
         digits = " ".join(rng.choice("0123456789") for _ in range(3))
         out.append({"id": f"{prefix}{i}", "context": context, "prompt": digits, "answer": digits})
     return out
+
+
+# ---------------------------------------------------------------- the documentation a user reads
+
+
+def documentation_text() -> str:
+    """The README and every written page of docs/ (the README links them; not the generated config reference), as one
+    text."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pages = [repo / "README.md", *sorted(p for p in (repo / "docs").glob("*.md") if p.name != "config_reference.md")]
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in pages)
 
 
 # ---------------------------------------------------------------- a tiny batch and a fixed rollout
@@ -53,7 +68,7 @@ MAX_NEW = 6
 
 
 def make_dm(module, jsonl_file, records, name="val.jsonl"):
-    dm = ContextPairDataModule(val_file=jsonl_file(records, name), verifier="exact")
+    dm = TaskDataModule(JSONLTask(val_file=jsonl_file(records, name), verifier="exact"))
     dm.connect(module.tokenizer)
     dm.validate()
     return dm

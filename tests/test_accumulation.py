@@ -41,7 +41,7 @@ def _fit(path, train, out, batch_size, accumulate):
     out.mkdir()
     main(["fit", "--seed_everything", "0", "--model.student", path, "--model.greedy_rollout", "true",
           "--model.max_new_tokens", str(MAX_NEW), "--model.anchor_weight", "0.5", "--model.rollout_warmup", "false",
-          "--data.train_file", train, "--data.batch_size", str(batch_size), "--data.shuffle", "false",
+          "--data.task.train_file", train, "--data.batch_size", str(batch_size), "--data.shuffle", "false",
           "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches",
           str(accumulate), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

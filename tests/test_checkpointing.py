@@ -16,7 +16,7 @@ MAX_STEPS = 24
 
 
 def _args(student, train, root):
-    return ["fit", "--model.student", student, "--data.train_file", train, "--data.batch_size", "3",
+    return ["fit", "--model.student", student, "--data.task.train_file", train, "--data.batch_size", "3",
             "--model.max_new_tokens", "5", "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps",
             "4", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--seed_everything", "7", "--model.anchor_weight", "0.5"]

@@ -13,7 +13,7 @@ from tests.helpers import make_records
 
 
 def _fit(student, train, extra=()):
-    main(["fit", "--model.student", student, "--data.train_file", train, "--data.batch_size", "4",
+    main(["fit", "--model.student", student, "--data.task.train_file", train, "--data.batch_size", "4",
           "--model.max_new_tokens", "6", "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false",
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra])
 
@@ -62,7 +62,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_dirs, jsonl_file, mlflo
     assert not mlflow.search_runs(experiment_names=["lightning-ctx"], output_format="list")
     with pytest.raises(SystemExit) as info:
         _fit(str(tmp_path / "no-such-model"), bad)
-    assert info.value.code == 2 and "model path does not exist" in capsys.readouterr().err
+    assert info.value.code == 2 and "model.student: " in capsys.readouterr().err
 
 
 def test_console_script_runs():
@@ -70,11 +70,15 @@ def test_console_script_runs():
     assert out.returncode == 0 and "fit" in out.stdout and "validate" in out.stdout
 
 
-def test_data_subclass_gets_its_own_defaults(tiny_dirs, mlflow_uri):
-    """jsonargparse #460: a data subclass must not inherit the base class's defaults."""
+def test_a_task_switched_in_keeps_its_own_defaults(tiny_dirs, mlflow_uri):
+    """jsonargparse #460 carries a previous class's init_args into a new class_path: with the task as the only
+    class that a config switches (the DataModule is fixed), the task's own defaults hold and the loader's knobs are
+    the DataModule's, wherever they are set."""
     from lightning_ctx.cli import ContextCLI
+    from lightning_ctx.tasks.world import WorldTask
 
-    cli = ContextCLI(args=["--data", "lightning_ctx.tasks.world.WorldDataModule", "--model.student",
-                           tiny_dirs["qwen2"], "--data.init_args.max_prompt_length", "100"], run=False)
-    assert cli.datamodule.batch_size == 64  # WorldDataModule's default, not ContextPairDataModule's 8
-    assert cli.datamodule.max_prompt_length == 100  # an explicit value is kept
+    cli = ContextCLI(args=["--data.task", "lightning_ctx.tasks.world.WorldTask", "--model.student", tiny_dirs["qwen2"],
+                           "--data.task.n_val", "7", "--data.max_prompt_length", "100"], run=False)
+    task = cli.datamodule.task
+    assert isinstance(task, WorldTask) and task.sizes == {"train": 800, "val": 7, "test": 100}
+    assert task.eval_other_contexts == 8 and cli.datamodule.max_prompt_length == 100

@@ -27,8 +27,8 @@ def _log_run(client, exp_id, target, weight, seed, metrics, finish=True):
     from mlflow.entities import Metric, Param
 
     rid = client.create_run(exp_id, tags={"grid": "paper"}).info.run_id
-    params = {"cfg/data.class_path": "lightning_ctx.tasks.world.WorldDataModule",
-              "cfg/data.init_args.target_context": target, "cfg/data.init_args.train_file": "None",
+    params = {"cfg/data.task.class_path": "lightning_ctx.tasks.world.WorldTask",
+              "cfg/data.task.init_args.target_context": target,
               "cfg/model.student": "builtin:world", "cfg/model.anchor_weight": weight,
               "cfg/seed_everything": str(seed), "anchor_weight": weight}
     # an earlier evaluation (step 10) that must be ignored, then the final one (step 150)
@@ -92,7 +92,7 @@ def test_compare_table_means_and_harm_line(runs, mlflow_uri, tmp_path, capsys):
     assert result["n_runs"] == 8  # the RUNNING run and the other experiment are excluded
     by_target = {c["key"]["target"]: c for c in result["configs"]}
     assert set(by_target) == {"SHOW", "ADD2"}
-    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.tasks.world.WorldDataModule"
+    assert by_target["SHOW"]["key"]["task"] == "lightning_ctx.tasks.world.WorldTask"
     assert by_target["SHOW"]["key"]["model"] == "builtin:world"
     for target, c in by_target.items():
         for method, weight in (("OPD", "0.0"), ("anchored", "0.5")):
@@ -147,7 +147,7 @@ def test_key_helpers():
     assert key_sources("params.cfg/x|foo") == ("params.cfg/x", "params.foo", "tags.foo")
     assert method_labels(["0.0", "0.5", None]) == {"0.0": "OPD", "0.5": "anchored", None: "?"}
     assert method_labels(["0", "0.1", "1.0"]) == {"0": "OPD", "0.1": "anchored(0.1)", "1.0": "anchored(1)"}
-    assert short_label("lightning_ctx.tasks.world.WorldDataModule") == "WorldDataModule"
+    assert short_label("lightning_ctx.tasks.world.WorldTask") == "WorldTask"
     assert short_label("/data/gsm8k/train.jsonl") == "gsm8k/train.jsonl"
     assert short_label("0.5") == "0.5" and short_label(None) == "-"
 
@@ -173,25 +173,25 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
 
     grid = _load_grid()
     args = grid.parse_args(["--targets", "SHOW", "ADD1 REV", "--seeds", "0", "1", "--steps", "7",
-                            "--experiment", "E", "--", "--data.n_train", "64"])
+                            "--experiment", "E", "--", "--data.task.n_train", "64"])
     jobs = grid.fit_jobs(args)
-    assert len(jobs) == 12 and len({j.name for j in jobs}) == 12
+    assert len(jobs) == 16 and len({j.name for j in jobs}) == 16
     job = next(j for j in jobs if j.name == "ADD1_REV-anchored_retain-s1")
     argv = job.argv
     opt = lambda name: argv[argv.index(name) + 1]  # noqa: E731
     assert argv[argv.index("fit") - 1].endswith(("lightning-ctx", "lightning_ctx.cli"))
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
-    assert configs[:2] == ["builtin:world.yaml", "builtin:methods/anchored_retain.yaml"]
-    assert configs[2].endswith("experiments/grid/eval.yaml")
-    assert (opt("--data.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
+    assert configs[:2] == ["builtin:tasks/world.yaml", "builtin:models/world_base.yaml"]  # the world without an eval
+    assert configs[2].endswith("experiments/eval/grid.yaml") and configs[3] == "builtin:methods/anchored_retain.yaml"
+    assert (opt("--data.task.target_context"), opt("--seed_everything")) == ("ADD1 REV", "1")
     assert opt("--trainer.max_steps") == "7" and opt("--trainer.logger.init_args.experiment_name") == "E"
-    assert argv[-2:] == ["--data.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
-    # the three methods for every (target, seed)
-    pairs = {(opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
+    assert argv[-2:] == ["--data.task.n_train", "64"] and job.env["OMP_NUM_THREADS"] == "1"
+    # the four methods for every (target, seed)
+    pairs = {(opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything")): set() for j in jobs}
     for j in jobs:
-        key = (opt_of(j, "--data.target_context"), opt_of(j, "--seed_everything"))
+        key = (opt_of(j, "--data.task.target_context"), opt_of(j, "--seed_everything"))
         pairs[key].add(json.loads(opt_of(j, "--trainer.logger.init_args.tags"))["method"])
-    assert all(v == {"opd", "anchored", "anchored_retain"} for v in pairs.values()) and len(pairs) == 4
+    assert all(v == {"opd", "anchored", "anchored_retain", "offpolicy_cd"} for v in pairs.values()) and len(pairs) == 4
 
     # the tags it sets are what compare groups by
     tags = json.loads(opt("--trainer.logger.init_args.tags"))
@@ -203,7 +203,7 @@ def test_grid_builds_one_fit_per_target_seed_method_and_compare_reads_its_tags(c
 
     assert grid.main(["--dry-run", "--targets", "SHOW", "--seeds", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert len(lines) == 3 + 2  # three fits, two compares
+    assert len(lines) == 4 + 2  # four fits (one per method), two compares
     assert shlex.split(lines[1])[2:] == grid.fit_jobs(grid.parse_args(["--targets", "SHOW", "--seeds", "3"]))[1].argv
 
 
@@ -329,3 +329,168 @@ def test_compare_best_k_reads_metric_histories(store, mlflow_uri, tmp_path, caps
     assert config["methods"]["OPD"]["metrics"]["acc_ctx"]["mean"] == pytest.approx(0.4)
     assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "bestk", "--best-by", "acc_ctx"]) == 1
     assert "--best-by needs --best-k" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- intervals from the runs' per-example tables
+
+N_ITEMS, N_RET = 60, 20
+# (target, anchor weight) -> (harmed item indices, retention items right of 20); every item is right without c
+TABLE_PLAN = {("SHOW", "0.0"): (range(24), 19), ("SHOW", "0.5"): (range(0), 10),
+              ("ADD2", "0.0"): (range(6), 20), ("ADD2", "0.5"): (range(5), 12)}
+
+
+def _table_rows(target, weight, seed):
+    harmed, ret_right = TABLE_PLAN[(target, weight)]
+    rows = [{"index": i, "id": f"{target}-{i}", "context": target, "prompt": str(i), "answer": "a",
+             "response_no_ctx": "a", "correct_no_ctx": True, "len_no_ctx": 3 + i % 2, "truncated_no_ctx": False,
+             "response_ctx": "b" if i in harmed else "a", "correct_ctx": i not in harmed,
+             "len_ctx": 2 if weight == "0.5" else 3 + (i + seed) % 3,  # anchored: shorter with c (negative)
+             "truncated_ctx": False} for i in range(N_ITEMS)]
+    ret = [{"index": i, "id": f"o{i}", "context": "REV", "prompt": str(i), "answer": "a", "response": "a",
+            "correct": i < ret_right, "reference_correct": True, "len": 2} for i in range(N_RET)]
+    return rows, ret
+
+
+def _log_table_run(client, exp, target, weight, seed, tmp_path, shuffle=False):
+    import random
+
+    from mlflow.entities import Metric
+
+    from lightning_ctx.eval.artifacts import write_examples
+    from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
+
+    rows, ret = _table_rows(target, weight, seed)
+    metrics = REMOVABILITY.measure(ItemRows(rows, ret), n_resamples=0)
+    rid = _log_run(client, exp, target, weight, seed, {k: metrics[k] for k in FINAL[("SHOW", "0.0", 0)]})
+    client.log_batch(rid, metrics=[Metric("eval/help", 0.0, 2, 150)])
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    for step, table in ((10, _table_rows(target, "0.0" if weight == "0.5" else "0.5", seed)), (150, (rows, ret))):
+        folder = tmp_path / f"{rid}-{step}"
+        folder.mkdir()
+        for path in write_examples(folder, title="t", stage="fit", step=step, split="val", metrics=metrics,
+                                   references={}, rows=table[0], retention_rows=table[1]):
+            client.log_artifact(rid, str(path), f"eval/step_{step:06d}")
+    return rid
+
+
+def test_compare_prints_both_counts_and_paired_intervals_from_the_tables(store, mlflow_uri, tmp_path, capsys):
+    """Synthetic runs with their final per-example tables (an earlier step's table must be ignored, rows in another
+    order are aligned by id): each value with its interval over items, each difference with its paired interval
+    (checked against paired_bootstrap on the same items), the counts by point and by interval, and a configuration
+    without tables counted by its point estimates only."""
+    from mlflow import MlflowClient
+
+    from lightning_ctx.eval.intervals import bootstrap, format_interval, paired_bootstrap
+    from lightning_ctx.eval.item_metrics import removability_items, retention_items, stack_runs
+
+    client = MlflowClient(store)
+    exp = client.create_experiment("tables")
+    for (target, weight) in TABLE_PLAN:
+        for seed in (0, 1):
+            _log_table_run(client, exp, target, weight, seed, tmp_path, shuffle=(weight, seed) == ("0.0", 1))
+    for weight, harm in (("0.0", 0.3), ("0.5", 0.1)):  # REV: logged without tables
+        _log_run(client, exp, "REV", weight, 0, dict(acc_no_ctx=1.0, acc_ctx=1 - harm, harm=harm, len_inflation=0.0,
+                                                     retention=0.95))
+    out = tmp_path / "cmp"
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "tables", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "harm reduced in 3 of 3 configurations" in text  # point estimates: SHOW, ADD2 (5 vs 6 items), REV
+    # by the paired interval: SHOW only (ADD2's one item fewer is within the noise); REV has no tables
+    assert ("harm reduced in 1 of 2 configurations with the paired 95% interval excluding 0 (1 without per-example "
+            "tables: not counted)") in text
+    assert "OPD: retention >= 0.9 in 3 of 3 configurations" in text
+    assert "OPD: retention >= 0.9 in 1 of 2 configurations with the whole 95% interval" in text  # ADD2: 20 of 20
+    assert "anchored: retention >= 0.9 in 0 of 2 configurations with the whole 95% interval" in text
+
+    def items(target, weight, seed):
+        rows, ret = _table_rows(target, weight, seed)
+        col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+        return {**removability_items(*(col(rows, k) for k in ("correct_no_ctx", "correct_ctx", "len_no_ctx",
+                                                               "len_ctx"))),
+                "retention": retention_items(col(ret, "correct"), col(ret, "reference_correct"))["retention"]}
+
+    result = json.loads((out / "compare.json").read_text())
+    show = next(c for c in result["configs"] if c["key"]["target"] == "SHOW")
+    treated = stack_runs([items("SHOW", "0.5", s) for s in (0, 1)])
+    baseline = stack_runs([items("SHOW", "0.0", s) for s in (0, 1)])
+    expected = paired_bootstrap({k: treated[k] for k in ("harm",)}, {k: baseline[k] for k in ("harm",)})["harm"]
+    paired = show["paired"]["anchored"]["harm"]
+    assert (paired["diff"], paired["lo"], paired["hi"]) == pytest.approx((expected.diff, expected.lo, expected.hi))
+    assert paired["diff"] == pytest.approx(-0.4) and paired["hi"] < 0
+    # len_inflation compares magnitudes (closer to zero is better): anchored's -0.43 is worse than OPD's +0.14
+    lens = [{"len_inflation": x["len_inflation"]} for x in (treated, baseline)]
+    exp_len = paired_bootstrap(*lens, absolute=["len_inflation"])["len_inflation"]
+    got_len = show["paired"]["anchored"]["len_inflation"]
+    assert (got_len["diff"], got_len["lo"]) == pytest.approx((exp_len.diff, exp_len.lo)) and got_len["lo"] > 0
+    ret_iv = bootstrap({"retention": baseline["retention"]})["retention"]
+    opd = show["methods"]["OPD"]["metrics"]["retention"]
+    assert (opd["mean"], opd["lo"], opd["hi"], opd["n_items"]) == pytest.approx((0.95, ret_iv.lo, ret_iv.hi, 20))
+    assert opd["lo"] < 0.9
+    # the printed table: the value with its interval, the paired difference with its interval
+    assert f"| {format_interval(expected, signed=True)} " in text
+    assert f"0.950 ± 0.000 [{ret_iv.lo:.3f}, {ret_iv.hi:.3f}]" in text
+    assert "[lo, hi]: 95% bootstrap interval over items (8 of 10 runs" in text
+    rev = next(c for c in result["configs"] if c["key"]["target"] == "REV")
+    assert rev["paired"] == {} and "lo" not in rev["methods"]["OPD"]["metrics"]["harm"]
+
+    # the same runs without tables (--n-resamples 0): point counts only, and the note says so
+    assert compare_main(["--tracking-uri", mlflow_uri, "--experiment", "tables", "--n-resamples", "0",
+                         "--out-dir", str(tmp_path / "plain")]) == 0
+    plain = capsys.readouterr().out
+    assert "harm reduced in 3 of 3 configurations" in plain and "interval excluding 0" not in plain
+    assert "note: no run has a per-example table" in plain
+
+
+def test_run_table_of_the_sampled_namespace():
+    """``--metric-prefix eval/sampled/`` compares the sampled metrics of the same tables under their plain names."""
+    import numpy as np
+
+    from lightning_ctx.compare import RunTable
+    from lightning_ctx.eval.item_metrics import sampled_items, values
+    from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
+
+    g = np.random.default_rng(2)
+    c0, c1 = g.random((30, 4)) < 0.6, g.random((30, 4)) < 0.5
+    rows = [{"index": i, "id": f"r{i}", "correct_no_ctx": True, "correct_ctx": True, "len_no_ctx": 2, "len_ctx": 2,
+             "truncated_no_ctx": False, "truncated_ctx": False, "sampled_correct_no_ctx": c0[i].tolist(),
+             "sampled_correct_ctx": c1[i].tolist(), "sampled_len_no_ctx": [2] * 4, "sampled_len_ctx": [3] * 4,
+             "sampled_truncated_no_ctx": [False] * 4, "sampled_truncated_ctx": [False] * 4} for i in range(30)]
+    table = RunTable.of(REMOVABILITY, ItemRows(rows), "sampled/")
+    got = {k: m.value() for k, m in table.metrics["examples"].items()}
+    expected = values(sampled_items(c0, c1))
+    assert {k: got[k] for k in expected} == pytest.approx(expected) and got["len_inflation"] == pytest.approx(0.5)
+    assert table.ids["examples"] == [f"r{i}" for i in range(30)] and "harm_excess" in got
+
+
+def test_a_run_without_the_on_policy_term_is_named_by_its_extra_terms(tmp_path):
+    """The off-policy baseline has anchor and retain weights 0 like OPD: compare tells it apart by model.opd_weight
+    0 and its extra term's class."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from lightning_ctx.compare import compare_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("offp")
+    base = {"cfg/data.task.class_path": "lightning_ctx.tasks.world.WorldTask",
+            "cfg/data.task.init_args.target_context": "SHOW", "cfg/model.student": "builtin:world",
+            "cfg/model.anchor_weight": "0.0", "cfg/model.retain_weight": "0.0"}
+    methods = {"opd": {"cfg/model.opd_weight": "1.0"},
+               "offp": {"cfg/model.opd_weight": "0.0",
+                        "cfg/model.extra_terms.0.class_path": "lightning_ctx.loss.OffPolicyContextDistillation",
+                        "cfg/model.extra_terms.0.init_args.weight": "1.0"}}
+    for seed in (0, 1):
+        for name, extra in methods.items():
+            rid = client.create_run(exp).info.run_id
+            params = {**base, **extra, "cfg/seed_everything": str(seed)}
+            harm = 0.5 if name == "opd" else 0.25
+            client.log_batch(rid, metrics=[Metric("eval/harm", harm, 1, 10)],
+                             params=[Param(k, v) for k, v in params.items()])
+            client.set_terminated(rid)
+    runs = client.search_runs([exp])
+    result = compare_runs(runs, metrics=["harm"])
+    (config,) = result["configs"]
+    assert set(config["methods"]) == {"OPD", "off-policy CD"}
+    assert config["methods"]["off-policy CD"]["metrics"]["harm"]["mean"] == 0.25
+    assert config["deltas"]["off-policy CD"]["harm"] == pytest.approx(-0.25)

@@ -53,7 +53,7 @@ def _checkpoint_with_uneven_eos(tmp_path, records):
     Which records land on which rank is the (distributed) sampler's business, so the EOS is chosen to give
     as many distinct lengths as possible; the test then checks that the ranks' token counts really differed.
     """
-    from lightning_ctx.data.datamodule import PairCollator
+    from lightning_ctx.data.batches import PairCollator
     from lightning_ctx.data.records import TaskRecord
     from lightning_ctx.data.render import PromptRenderer
     from lightning_ctx.models.tiny import save_tiny_checkpoint
@@ -81,7 +81,7 @@ def _checkpoint_with_uneven_eos(tmp_path, records):
 def _fit_args(path, train, out, devices, batch_size):
     args = ["fit", "--seed_everything", "0", "--model.student", path, "--model.greedy_rollout", "true",
             "--model.max_new_tokens", str(MAX_NEW), "--model.anchor_weight", "0.5", "--model.lr", "1e-2",
-            "--model.rollout_warmup", "false", "--data.train_file", train, "--data.batch_size", str(batch_size),
+            "--model.rollout_warmup", "false", "--data.task.train_file", train, "--data.batch_size", str(batch_size),
             "--data.shuffle", "false", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
             "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -26,8 +26,9 @@ MAX_STEPS, STOP = 7, 4
 
 def _args(student, train, val, root, max_steps):
     return ["fit", "--seed_everything", "7", "--model.student", student, "--model.max_new_tokens", "4",
-            "--model.anchor_weight", "0.5", "--model.rollout_warmup", "false", "--data.train_file", train,
-            "--data.val_file", val, "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--model.anchor_weight", "0.5", "--model.rollout_warmup", "false", "--data.task.train_file", train,
+            "--data.task.val_file", val, "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2",
             "--trainer.strategy", "ddp", "--trainer.max_steps", str(max_steps), "--checkpoint.every_n_train_steps",
             "2", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
@@ -158,7 +159,7 @@ def test_ddp_ranks_skip_nonfinite_steps_together(tmp_path, tiny_dirs, jsonl_file
     train = jsonl_file(make_records(8))
     args = ["fit", "--seed_everything", "0", "--model.student", tiny_dirs["qwen2"], "--model.max_new_tokens", "4",
             "--model.anchor_weight", "0.5", "--model.on_nonfinite", "skip", "--model.rollout_warmup", "false",
-            "--data.train_file", train, "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+            "--data.task.train_file", train, "--data.batch_size", "2", "--trainer.accelerator", "cpu",
             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3", "--trainer.logger",
             "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",

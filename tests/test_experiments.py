@@ -81,7 +81,7 @@ def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_u
     student = mcqa_students[family]
     main(["fit", "--config", str(config), "--model.student", student,
           # the config's relative data paths are resolved from the repository root; tests run in a temp dir
-          "--data.init_args.train_file", str(SAMPLE), "--data.init_args.system_prompt_file", str(SYSTEM_PROMPT_FILE),
+          "--data.task.train_file", str(SAMPLE), "--data.task.system_prompt_file", str(SYSTEM_PROMPT_FILE),
           *FAST])
     run = _single_run("medmcqa")
     m, params = run.data.metrics, run.data.params
@@ -96,7 +96,7 @@ def test_real_model_config_runs_on_tiny_stand_in(config, mcqa_students, mlflow_u
     assert params["cfg/model.student"] == student and float(params["cfg/model.anchor_weight"]) == 0.5
     assert params["cfg/trainer.precision"] == "bf16-mixed" and params["cfg/model.rollout_engine"] == "hf_static"
     assert int(params["cfg/model.chunk_size"]) > 0
-    assert params["cfg/data.class_path"] == "lightning_ctx.tasks.mcqa.MCQADataModule"
+    assert params["cfg/data.task.class_path"] == "lightning_ctx.tasks.mcqa.MCQATask"
     assert run.data.tags["task"] == "medmcqa"
     # the held-out split: 8 sample questions, posed with the system prompt as context, gold answers letters
     examples = _final_examples(mlflow_uri, run.info.run_id)["examples"]
@@ -112,8 +112,8 @@ def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
     from lightning_ctx.tasks.frozenlake.rules import frozenlake_verifier, parse_map
 
     config = EXPERIMENTS / "frozenlake_anchored.yaml"
-    main(["fit", "--config", str(config), "--model.student", tiny_dirs["qwen2"], "--data.init_args.n_train", "16",
-          "--data.init_args.n_val", "6", "--data.init_args.n_test", "0", *FAST])
+    main(["fit", "--config", str(config), "--model.student", tiny_dirs["qwen2"], "--data.task.n_train", "16",
+          "--data.task.n_val", "6", "--data.task.n_test", "0", *FAST])
     run = _single_run("frozenlake")
     m = run.data.metrics
     for name in ("train/loss", "train/opd", "train/anchor"):
@@ -128,12 +128,13 @@ def test_frozenlake_config_runs_on_tiny_stand_in(tiny_dirs, mlflow_uri):
 
 @pytest.mark.slow
 def test_frozenlake_jsonl_with_verifier_flag(tiny_dirs, mlflow_uri, tmp_path):
-    """The generic path: exported JSONL files + ``--data.verifier frozenlake``."""
+    """The generic path: exported JSONL files + the JSONL task's verifier named by import path."""
     from lightning_ctx.tasks.frozenlake.rules import write_splits
 
     paths = write_splits(tmp_path / "fl", n_train=8, n_val=0, n_test=0)
-    main(["fit", "--model.student", tiny_dirs["qwen2"], "--data.train_file", str(paths["train"]),
-          "--data.verifier", "frozenlake", "--data.batch_size", "4", "--model.anchor_weight", "0.5", *FAST])
+    main(["fit", "--model.student", tiny_dirs["qwen2"], "--data.task.train_file", str(paths["train"]),
+          "--data.task.verifier", "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier", "--data.batch_size", "4",
+          "--model.anchor_weight", "0.5", *FAST])
     m = _single_run("lightning-ctx").data.metrics
     assert all(math.isfinite(m[k]) for k in ("train/loss", "train/opd", "train/anchor"))
 
@@ -142,10 +143,12 @@ BUILTIN = sorted((REPO / "lightning_ctx" / "configs").rglob("*.yaml"))
 
 
 def _readme_fit_commands() -> list[list[str]]:
-    """Every ``lightning-ctx fit ...`` command of the README (continuation lines joined), as argv."""
+    """Every ``lightning-ctx fit ...`` command of the README and docs/ (continuation lines joined), as argv."""
     import shlex
 
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    from tests.helpers import documentation_text
+
+    text = documentation_text().replace("\\\n", " ")
     out = []
     for line in text.splitlines():
         if "lightning-ctx fit" in line and "--config" in line:
@@ -158,11 +161,13 @@ def test_builtin_method_files_stack_on_the_world_base(capsys):
     from lightning_ctx.cli import expand_configs
 
     assert {p.relative_to(REPO / "lightning_ctx" / "configs").as_posix() for p in BUILTIN} >= {
-        "world.yaml", "methods/opd.yaml", "methods/anchored.yaml", "methods/anchored_retain.yaml"}
-    # the quickstart file names are the same stacks as the builtin files
+        "world.yaml", "tasks/world.yaml", "models/world_base.yaml", "eval/removability.yaml", "methods/opd.yaml",
+        "methods/anchored.yaml", "methods/anchored_retain.yaml", "methods/offpolicy_cd.yaml"}
+    # the quickstart file names are the same stacks as the builtin files: the world's task, model and evaluation
     argv = expand_configs(["fit", "--config", str(EXPERIMENTS / "world_anchored_retain.yaml")])
-    configs = [Path(argv[i + 1]).name for i, a in enumerate(argv) if a == "--config"]
-    assert configs == ["world.yaml", "anchored_retain.yaml", "world_anchored_retain.yaml"]
+    configs = [_where(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+    assert configs == ["builtin:tasks/world.yaml", "builtin:models/world_base.yaml", "builtin:eval/removability.yaml",
+                       "builtin:world.yaml", "builtin:methods/anchored_retain.yaml", "world_anchored_retain.yaml"]
     for method, weights in (("opd", ("0.0", "0.0")), ("anchored", ("0.5", "0.0")), ("anchored_retain", ("0.5", "0.5"))):
         with pytest.raises(SystemExit) as info:
             main(["fit", "--config", "builtin:world.yaml", "--config", f"builtin:methods/{method}.yaml",
@@ -171,7 +176,8 @@ def test_builtin_method_files_stack_on_the_world_base(capsys):
         out = capsys.readouterr().out
         assert f"anchor_weight: {weights[0]}" in out and f"retain_weight: {weights[1]}" in out
         assert ("retain_others: true" in out) == (method == "anchored_retain")
-        assert "class_path: lightning_ctx.tasks.world.WorldDataModule" in out
+        assert "class_path: lightning_ctx.tasks.world.WorldTask" in out
+        assert out.count("class_path: lightning_ctx.eval.ContextRemovabilityCallback") == 1
 
 
 def test_every_config_combination_the_readme_shows_parses(capsys):
@@ -202,3 +208,102 @@ def test_defaults_errors_name_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", "builtin:nope.yaml"])
     assert info.value.code == 2 and "nope.yaml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ one config convention (docs/design.md, "Configs")
+
+BUILTIN_DIR = REPO / "lightning_ctx" / "configs"
+GROUPS = ("tasks", "models", "eval", "methods")
+#: Settings: the files users run (each a ``defaults:`` list of one file per group, plus its own run name).
+SETTINGS = sorted([*EXPERIMENTS.glob("*.yaml"), *(EXPERIMENTS / "paper").glob("*.yaml")])
+#: The names the README's quickstart and settings tables give.
+README_NAMES = ("world_opd.yaml", "world_anchored.yaml", "world_anchored_retain.yaml", "world_opd_add2.yaml",
+                "frozenlake_opd.yaml", "frozenlake_anchored.yaml", "qwen2.5_0.5b_medmcqa.yaml",
+                *(f"paper/sys_{task}_{model}.yaml" for task in ("medmcqa", "safety")
+                  for model in ("llama3.1_8b", "llama3.2_3b", "qwen2.5_7b", "qwen2.5_3b_from_7b")),
+                "paper/game_sokoban_qwen3_4b.yaml", "paper/game_sokoban_qwen3_1.7b.yaml",
+                "paper/game_frozenlake_qwen3_1.7b.yaml", "paper/game_frozenlake_qwen3_1.7b_from_4b.yaml")
+
+
+def _where(path: str) -> str:
+    """A config path as ``builtin:<group>/<name>`` or relative to experiments/."""
+    p = Path(path).resolve()
+    if p.is_relative_to(BUILTIN_DIR):
+        return f"builtin:{p.relative_to(BUILTIN_DIR).as_posix()}"
+    return p.relative_to(EXPERIMENTS).as_posix()
+
+
+def test_builtins_and_experiments_share_one_layout():
+    """The same groups in both places; one models/ folder; every other config is a setting at the top level or in
+    paper/ (plus the data files' folder)."""
+    builtin_groups = {p.parent.relative_to(BUILTIN_DIR).as_posix() for p in BUILTIN} - {"."}
+    assert builtin_groups == set(GROUPS)
+    folders = {p.parent.relative_to(EXPERIMENTS).as_posix() for p in CONFIGS}
+    assert folders == {".", "paper", "tasks", "models", "eval"}  # methods are the package's (builtin:methods/)
+    assert not list(EXPERIMENTS.rglob("models/**/models")) and len(list(REPO.glob("experiments/**/models"))) == 1
+
+
+def _group_files(config: Path) -> list[str]:
+    """The group files a setting names, through the settings it builds on (a group file's own defaults, such as a
+    task's shared protocol, belong to it)."""
+    import yaml
+
+    from lightning_ctx.cli.compose import resolve_config
+
+    out = []
+    for ref in (yaml.safe_load(config.read_text()) or {}).get("defaults") or []:
+        path = resolve_config(ref, config.parent)
+        where = _where(str(path))
+        group = where.removeprefix("builtin:").removeprefix("paper/").split("/")
+        out += [where] if len(group) == 2 else _group_files(path)
+    return out
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_setting_stacks_one_task_model_evaluation_and_method(setting):
+    files = _group_files(setting)
+    groups = [f.removeprefix("builtin:").split("/")[0] for f in files]
+    assert sorted(groups) == sorted(GROUPS), files
+
+
+def test_the_readme_names_exist_and_parse(capsys):
+    from tests.helpers import documentation_text
+
+    readme = documentation_text()
+    for name in README_NAMES:
+        assert (EXPERIMENTS / name).is_file() and Path(name).name in readme, name
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(EXPERIMENTS / name), "--print_config"])
+        assert info.value.code == 0, (name, capsys.readouterr().err)
+        capsys.readouterr()
+
+
+def test_an_evaluation_file_adds_its_callback_without_restating_the_others(capsys, tmp_path):
+    """``callbacks+`` (jsonargparse's list append, in config files too): evaluation files stack; a later plain
+    ``callbacks:`` list replaces them all."""
+    def callbacks(*configs):
+        with pytest.raises(SystemExit) as info:
+            main(["fit", *[a for c in configs for a in ("--config", c)], "--print_config"])
+        assert info.value.code == 0, capsys.readouterr().err
+        import yaml
+
+        return [(c["class_path"].rsplit(".", 1)[1], c.get("init_args", {}).get("every_n_steps"))
+                for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"] or []]
+
+    assert callbacks("builtin:world.yaml") == [("ContextRemovabilityCallback", 50)]
+    assert callbacks("builtin:world.yaml", str(EXPERIMENTS / "eval" / "opcd_sampled.yaml"),
+                     "builtin:eval/games.yaml") == [("ContextRemovabilityCallback", 50),
+                                                    ("ContextRemovabilityCallback", 10), ("GameEvalCallback", 25)]
+    replace = tmp_path / "replace.yaml"
+    replace.write_text("trainer:\n  callbacks:\n    - class_path: lightning_ctx.tasks.games.GameEvalCallback\n")
+    assert callbacks("builtin:world.yaml", "builtin:eval/games.yaml", str(replace)) == [("GameEvalCallback", 25)]
+
+
+def test_a_knob_error_in_an_appended_callback_names_its_file_and_line(tmp_path, capsys, mlflow_uri):
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("trainer:\n  callbacks+:\n    - class_path: lightning_ctx.eval.ContextRemovabilityCallback\n"
+                   "      init_args:\n        every_n_steps: -3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "builtin:world.yaml", "--config", str(bad)])
+    assert info.value.code == 2
+    assert f"{bad}, line 5, field 'trainer.callbacks.every_n_steps'" in capsys.readouterr().err

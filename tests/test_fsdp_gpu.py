@@ -27,7 +27,7 @@ def _run(path, train, out, strategy, devices, extra=()):
     out.mkdir()
     args = ["fit", "--seed_everything", "0", "--model.student", path, "--model.greedy_rollout", "true",
             "--model.max_new_tokens", str(MAX_NEW), "--model.anchor_weight", "0.5", "--model.lr", "1e-2",
-            "--model.rollout_warmup", "false", "--data.train_file", train, "--data.batch_size", "2",
+            "--model.rollout_warmup", "false", "--data.task.train_file", train, "--data.batch_size", "2",
             "--data.shuffle", "false", "--trainer.accelerator", "gpu", "--trainer.devices", str(devices),
             "--trainer.strategy", strategy, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "2",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
@@ -57,6 +57,6 @@ def test_evaluation_callback_refuses_sharded_weights(tmp_path, jsonl_file):
     records = make_records(8, context="ADD2")
     path = _checkpoint_with_uneven_eos(tmp_path, records)
     proc = _run(path, jsonl_file(records), tmp_path / "fsdp", "fsdp", 2,
-                extra=["--data.val_file", jsonl_file(records, "val.jsonl"),
+                extra=["--data.task.val_file", jsonl_file(records, "val.jsonl"),
                        "--trainer.callbacks+=lightning_ctx.eval.ContextRemovabilityCallback"])
     assert proc.returncode == 2 and "does not run with weights sharded over ranks" in proc.stderr, proc.stderr[-3000:]

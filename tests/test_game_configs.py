@@ -16,14 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lightning_ctx.cli import main
-from lightning_ctx.tasks.games.datamodule import PAPER_ENV_KWARGS, playability_report, split_seeds
 from lightning_ctx.tasks.games.oracle import playability
+from lightning_ctx.tasks.games.task import PAPER_ENV_KWARGS, playability_report, split_seeds
 
 REPO = Path(__file__).resolve().parent.parent
 GAME_CONFIGS = sorted((REPO / "experiments" / "paper").glob("game_*.yaml"))
 SMOKE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
          "--trainer.max_steps", "2", "--model.max_new_tokens", "8", "--data.batch_size", "2"]
-FASTER = ["--data.init_args.n_val", "4", "--trainer.accumulate_grad_batches", "1",
+FASTER = ["--data.task.n_val", "4", "--trainer.accumulate_grad_batches", "1",
           "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
 
 
@@ -37,8 +37,8 @@ WINNABLE = {"frozenlake": 0.9, "sokoban": 0.6}
 
 
 def data_args(config: Path) -> dict:
-    """The data module's arguments as the config stack sets them (experiments/games/playability.py reads them)."""
-    spec = importlib.util.spec_from_file_location("playability", REPO / "experiments" / "games" / "playability.py")
+    """The task's arguments as the config stack sets them (scripts/game_playability.py reads them)."""
+    spec = importlib.util.spec_from_file_location("playability", REPO / "scripts" / "game_playability.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script.data_args(config)
@@ -50,25 +50,29 @@ def test_game_config_boards_can_be_won_within_its_turn_limit(config):
     game = "sokoban" if "sokoban" in config.stem else "frozenlake"
     assert args["env_kwargs"] == PAPER_ENV_KWARGS[args["env_id"]]  # OPCD's values, spelled out in the config
     report = playability_report(args)
-    assert report["val"].checked == args["n_val"] == 64 and report["val"].fraction >= WINNABLE[game]
+    assert report["val"].checked == args["n_val"] == 128 and report["val"].fraction >= WINNABLE[game]
     assert report["val"].random_pass < report["val"].fraction / 2  # the floor far below the ceiling
     assert report["train"].fraction >= WINNABLE[game] - 0.1
 
 
 @pytest.mark.parametrize("config, env_kwargs, extra", [
     ("game_frozenlake_qwen3_1.7b.yaml", "{size: 4, num_holes: 3}", []),  # TextArena's registered FrozenLake
-    ("game_sokoban_qwen3_1.7b.yaml", "{num_boxes: 3}", ["--data.init_args.n_val", "12"]),  # and Sokoban
+    ("game_sokoban_qwen3_1.7b.yaml", "{num_boxes: 3}", ["--data.task.n_val", "12"]),  # and Sokoban
 ])
 def test_unwinnable_boards_are_refused_before_any_model_loads(config, env_kwargs, extra, capsys, mlflow_uri):
     game = "sokoban" if "sokoban" in config else "frozenlake"
     args = ["fit", "--config", str(REPO / "experiments" / "paper" / config), "--model.student", "/no/such/model",
-            "--data.init_args.env_kwargs", env_kwargs, *extra,
-            "--data.init_args.experience_file", str(REPO / "experiments" / "games" / f"{game}_experience.txt")]
+            "--data.task.env_kwargs", env_kwargs, *extra,
+            "--data.task.experience_file", str(REPO / "experiments" / "data" / f"{game}_experience.txt")]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1  # one line, and about the boards: the model was never loaded
-    assert "field 'data.max_turns'" in err[0] and "of the val games can be won within 5 moves" in err[0]
+    assert "field 'data.task.max_turns'" in err[0] and "of the val games can be won within 5 moves" in err[0]
+    # located in the task file, at the task's max_turns line
+    task_file = REPO / "experiments" / "tasks" / f"game_{game}.yaml"
+    line = int(err[0].split(f"tasks/game_{game}.yaml, line ", 1)[1].split(",", 1)[0])
+    assert task_file.read_text().splitlines()[line - 1].strip().startswith("max_turns:")
     assert "below the 10%" in err[0] and "/no/such/model" not in err[0]
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
@@ -89,7 +93,7 @@ def test_game_config_fits_on_a_tiny_qwen3(config, tiny_qwen3, tiny_teacher, mlfl
     game = "sokoban" if "sokoban" in config.stem else "frozenlake"
     args = ["fit", "--config", str(config), "--model.student", tiny_qwen3, *SMOKE, *FASTER,
             # relative to the repository root in the config; the test runs in a temporary folder
-            "--data.init_args.experience_file", str(REPO / "experiments" / "games" / f"{game}_experience.txt")]
+            "--data.task.experience_file", str(REPO / "experiments" / "data" / f"{game}_experience.txt")]
     if config.stem.endswith("_from_4b"):
         args += ["--model.teacher", tiny_teacher]
     main(args)
@@ -99,8 +103,8 @@ def test_game_config_fits_on_a_tiny_qwen3(config, tiny_qwen3, tiny_teacher, mlfl
                  "eval/hidden_cos/mean"):
         assert 0 <= m[name] <= 5, name
     # the ceiling and the floor on exactly the 4 evaluated games (Sokoban's first ones are mostly one-push wins)
-    found = playability(params["cfg/data.init_args.env_id"], PAPER_ENV_KWARGS[params["cfg/data.init_args.env_id"]],
-                        split_seeds(0, "val", 4), 5)
+    env_id = params["cfg/data.task.init_args.env_id"]
+    found = playability(env_id, PAPER_ENV_KWARGS[env_id], split_seeds(0, "val", 4), 5)
     assert m["eval/pass_oracle"] == pytest.approx(found.fraction) and m["eval/pass_oracle"] >= WINNABLE[game]
     assert m["eval/pass_random"] == pytest.approx(found.random_pass) and found.random_pass < found.fraction
     assert game == "sokoban" or m["eval/pass_random"] < 0.2
@@ -108,7 +112,7 @@ def test_game_config_fits_on_a_tiny_qwen3(config, tiny_qwen3, tiny_teacher, mlfl
     assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/anchor"])
     history = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "eval/pass_ctx")
     assert sorted(h.step for h in history) == [0, 2]
-    assert params["cfg/data.init_args.env_id"] == ("Sokoban-v0-raw" if game == "sokoban" else "FrozenLake-v0-raw")
+    assert env_id == ("Sokoban-v0-raw" if game == "sokoban" else "FrozenLake-v0-raw")
     assert run.data.tags["setting"] == config.stem
     if config.stem.endswith("_from_4b"):
         assert params["cfg/model.teacher"] == tiny_teacher and "ref/teacher_pass_ctx" in m

@@ -98,8 +98,8 @@ def test_an_external_term_fits_through_the_cli_and_is_logged(tiny_dirs, external
 
     main(["fit", "--config", "builtin:world.yaml", "--model.student", tiny_dirs["qwen2"],
           "--model.extra_terms", f'[{{"class_path": "{external_package}", "init_args": {{"weight": 0.1}}}}]',
-          "--trainer.max_steps", "2", "--data.init_args.batch_size", "4", "--data.init_args.n_val", "4",
-          "--data.init_args.retention_contexts", "1", "--data.init_args.retention_items", "2",
+          "--trainer.max_steps", "2", "--data.batch_size", "4", "--data.task.n_val", "4",
+          "--data.task.eval_other_contexts", "1", "--data.task.eval_other_items", "2",
           "--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "4"])
     (run,) = mlflow.search_runs(experiment_names=["world"], output_format="list")
     m = run.data.metrics

@@ -36,9 +36,9 @@ def _family(config: Path) -> str:
 
 def _data_args(task: str) -> list[str]:
     """The configs name their data relative to the repository root; tests run in a temp dir."""
-    return ["--data.init_args.train_file", str(DATA / f"sys_{task}_train_sample.jsonl"),
-            "--data.init_args.val_file", str(DATA / f"sys_{task}_test_sample.jsonl"),
-            "--data.init_args.system_prompt_file", str(DATA / f"sys_{task}_prompt.txt")]
+    return ["--data.task.train_file", str(DATA / f"sys_{task}_train_sample.jsonl"),
+            "--data.task.val_file", str(DATA / f"sys_{task}_test_sample.jsonl"),
+            "--data.task.system_prompt_file", str(DATA / f"sys_{task}_prompt.txt")]
 
 
 def _script(name: str):
@@ -73,10 +73,10 @@ def test_paper_config_parses_with_the_protocol(config):
     assert (m["max_new_tokens"], m["scope"], m["topk"], m["divergence"]) == (512, "topk", 256, "reverse_kl")
     # OPCD's README passes --kl_renorm_topk True for one system-prompt setting only: Llama-3.1-8B safety
     assert m["topk_renormalize"] is (config.stem == "sys_safety_llama3.1_8b")
-    assert cfg["data"]["init_args"]["scoring"] == "strict"
+    assert cfg["data"]["task"]["init_args"]["scoring"] == "strict"
     assert (m["lr"], m["lr_schedule"], m["warmup_steps"], m["temperature"]) == (5e-6, "constant", 0, 1.0)
     assert m["anchor_weight"] == 0.5 and m["gradient_checkpointing"] is True and t["precision"] == "bf16-mixed"
-    assert t["max_steps"] == 50 and cfg["data"]["init_args"]["batch_size"] * t["accumulate_grad_batches"] == 128
+    assert t["max_steps"] == 50 and cfg["data"]["batch_size"] * t["accumulate_grad_batches"] == 128
     assert m["student"].startswith("/models/") and (m["teacher"] is not None) == ("from_7b" in config.stem)
     assert (m["lora"] is not None) == any(s in config.stem for s in ("8b", "qwen2.5_7b"))
     (cb,) = [c for c in t["callbacks"] if c["class_path"].endswith("ContextRemovabilityCallback")]
@@ -183,12 +183,12 @@ def test_a_paper_run_stops_on_a_bad_scoring_or_an_unreadable_gold(tiny_dirs, jso
 
     monkeypatch.setattr(teachers, "load_causal_lm", refuse)
     line = _user_error(capsys, ["fit", "--config", config, *models, *_data_args("medmcqa"),
-                                "--data.init_args.scoring", "lenient"])
-    assert "field 'data.scoring'" in line and "must be one of strict, opcd, got 'lenient'" in line
+                                "--data.task.scoring", "lenient"])
+    assert "field 'data.task.scoring'" in line and "must be one of strict, opcd, got 'lenient'" in line
     monkeypatch.undo()
     # gold E: an option letter the strict verifier reads, but OPCD's scorer knows A-D only
     bad = jsonl_file([{"content": "Question: Pick one.\nOptions:\nA) a\nB) b\nC) c\nD) d\nE) e", "answer": "E"}])
-    line = _user_error(capsys, ["fit", "--config", config, *models, *_data_args("medmcqa"), "--data.init_args.scoring",
-                                "opcd", "--data.init_args.val_file", bad])
-    assert bad in line and "line 1" in line and "'mcqa_opcd' verifier cannot parse answer 'E'" in line
+    line = _user_error(capsys, ["fit", "--config", config, *models, *_data_args("medmcqa"), "--data.task.scoring",
+                                "opcd", "--data.task.val_file", bad])
+    assert bad in line and "line 1" in line and "'OPCDChoiceVerifier' verifier cannot parse answer 'E'" in line
     assert not mlflow.search_runs(experiment_names=["paper-sys"], output_format="list"), "a run was created"

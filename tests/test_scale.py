@@ -1,5 +1,7 @@
 """Speed, memory and scale paths: LoRA + base teacher, bitsandbytes on CPU, static-cache rollouts, auto chunking."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from lightning_ctx.models.loading import ModelError, load_causal_lm
 from lightning_ctx.models.scoring import join_prompt_and_response, response_logits
 from lightning_ctx.models.teachers import BaseWeightsTeacher
 from lightning_ctx.module import OnPolicyDistillation
-from lightning_ctx.rollout import SamplingSettings, build_engine, sample_responses
+from lightning_ctx.rollout import CACHE_ARGUMENTS, SamplingSettings, build_engine, cache_argument, sample_responses
 from tests.helpers import fixed_rollout, perturb, tiny_batch
 
 
@@ -208,17 +210,79 @@ def test_loop_engine_samples_like_generate(tiny_dirs, settings):
         assert sample_responses(model, ids, mask, forced, [2], 0, build_engine(name)).lengths.tolist() == [6] * 4
 
 
+def test_loop_engine_samples_like_generate_through_a_peft_wrapper(tiny_dirs):
+    """A LoRA student's forward (``PeftModel``) hides the cache argument; the loop must still pass it on."""
+    pytest.importorskip("peft")
+    from lightning_ctx.models.loading import apply_lora
+
+    model = apply_lora(load_causal_lm(tiny_dirs["qwen2"]), {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    perturb(model, seed=2)  # nonzero adapter weights: the wrapped model is not the base model
+    assert CACHE_ARGUMENTS[0] not in inspect.signature(model.forward).parameters
+    assert CACHE_ARGUMENTS[1] not in inspect.signature(model.forward).parameters
+    settings = SamplingSettings(max_new_tokens=9, temperature=0.8)
+    ids, mask = left_pad([[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]], 0)
+    outs = {}
+    for name in ("hf", "loop"):
+        torch.manual_seed(5)
+        outs[name] = sample_responses(model, ids, mask, settings, [2], 0, build_engine(name))
+    assert outs["loop"].response_ids.tolist() == outs["hf"].response_ids.tolist()
+    assert outs["loop"].lengths.tolist() == outs["hf"].lengths.tolist() and max(outs["hf"].lengths.tolist()) > 2
+
+
+def test_cache_argument_is_read_from_the_forward_signature(tiny_dirs):
+    model = load_causal_lm(tiny_dirs["llama"])
+    expected = next(n for n in CACHE_ARGUMENTS if n in inspect.signature(type(model).forward).parameters)
+    assert cache_argument(model) == expected
+
+    class Wrapper(torch.nn.Module):  # DDP-style: forward(*args, **kwargs) around .module
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    assert cache_argument(Wrapper(Wrapper(model))) == expected
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, **kwargs): ...
+
+    assert cache_argument(Wrapper(OldStyle())) == "past_key_values"
+    with pytest.raises(ModelError, match="rollout_engine 'hf'"):
+        cache_argument(Wrapper(NoCache()))
+
+
+def test_hf_static_passes_max_cache_len_only_where_generate_takes_it(monkeypatch):
+    import transformers
+
+    engine = build_engine("hf_static")
+    engine.max_cache_len = 13
+    kwargs = engine._kwargs(SamplingSettings(greedy=True), [2], 0)
+    knows = hasattr(transformers.GenerationConfig(), "max_cache_len")
+    assert kwargs.get("max_cache_len") == (13 if knows else None) and kwargs["cache_implementation"] == "static"
+
+    class OldGenerationConfig:  # transformers < 5.13: no such field, and generate rejects the keyword
+        pass
+
+    monkeypatch.setattr(transformers, "GenerationConfig", OldGenerationConfig)
+    assert "max_cache_len" not in engine._kwargs(SamplingSettings(greedy=True), [2], 0)
+
+
 def test_fit_start_warms_up_the_engine(tiny_dirs):
     """``on_fit_start`` decodes one dummy batch of (datamodule batch size, longest prompt); off on request."""
 
-    from lightning_ctx.data.datamodule import ContextPairDataModule
+    from lightning_ctx.data.datamodule import TaskDataModule
+    from lightning_ctx.data.task import Task
 
-    class DM(ContextPairDataModule):
+    class DM(TaskDataModule):
         def longest_prompt(self):
             return 11
 
     class FakeTrainer:
-        world_size, datamodule, loggers = 1, DM(batch_size=4), []
+        world_size, datamodule, loggers = 1, DM(Task(), batch_size=4), []
 
     for warm in (True, False):
         module = OnPolicyDistillation(student=tiny_dirs["qwen2"], rollout_engine="hf_static", max_new_tokens=5,

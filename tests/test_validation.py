@@ -19,7 +19,7 @@ GOOD = json.dumps({"id": "a", "context": "ADD2", "prompt": "1 2 3", "answer": "1
 
 
 def _fit(student, train, *extra):
-    main(["fit", "--model.student", student, "--data.train_file", train, "--data.batch_size", "2",
+    main(["fit", "--model.student", student, "--data.task.train_file", train, "--data.batch_size", "2",
           "--model.max_new_tokens", "4", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false", *extra])
 
@@ -67,7 +67,7 @@ def test_prompt_plus_new_tokens_exceeds_model_positions(tiny_dirs, jsonl_file, m
 
 def test_unparseable_answer(tiny_dirs, jsonl_file, mlflow_uri, capsys):
     path = jsonl_file([json.dumps({"id": "q", "context": "c", "prompt": "Pick A or B", "answer": "maybe"})])
-    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--data.verifier", "choice"),
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--data.task.verifier", "choice"),
                        path, "line 1", "field 'answer'", "'choice' verifier cannot parse")
 
 
@@ -85,7 +85,8 @@ def test_missing_model_and_chat_template_and_vocab(tmp_path, tiny_dirs, jsonl_fi
     from lightning_ctx.models.tiny import save_tiny_checkpoint
 
     path = jsonl_file([GOOD])
-    _expect_user_error(capsys, mlflow_uri, lambda: _fit(str(tmp_path / "nope"), path), "model path does not exist")
+    _expect_user_error(capsys, mlflow_uri, lambda: _fit(str(tmp_path / "nope"), path), "model.student: ",
+                       "does not exist", "--model.student /path/to/folder")
     other = save_tiny_checkpoint(tmp_path / "other", "qwen2", extra_words=["zebra"])
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--model.teacher", str(other)),
                        "teacher tokenizer differs")
@@ -168,6 +169,44 @@ def test_nonfinite_loss_skip_mode_counts(tiny_dirs, jsonl_file, mlflow_uri, pois
     assert run.data.metrics["train/skipped_steps"] >= 1
 
 
+@pytest.fixture
+def diverge_at(monkeypatch):
+    """Make the student's weights NaN from the given global step on, before it samples (as lr 100 would)."""
+    def install(at_step):
+        real = OnPolicyDistillation.sample_rollouts
+
+        def diverged(self, batch):
+            if self.global_step >= at_step:
+                with torch.no_grad():
+                    next(self.student.parameters()).fill_(float("nan"))
+            return real(self, batch)
+        monkeypatch.setattr(OnPolicyDistillation, "sample_rollouts", diverged)
+    return install
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_sampling_probabilities_are_a_nonfinite_step(tiny_dirs, jsonl_file, mlflow_uri, capsys, diverge_at,
+                                                                mode):
+    """(#26.9) NaN next-token probabilities in the rollout used to crash in torch.multinomial with a traceback and
+    no checkpoint; they are handled like a non-finite loss: a checkpoint and one line, or a skipped step."""
+    diverge_at(2)
+    path = jsonl_file(make_records(8))
+    args = ("--trainer.max_steps", "4", "--model.on_nonfinite", mode)
+    if mode == "raise":
+        with pytest.raises(SystemExit) as info:
+            _fit(tiny_dirs["qwen2"], path, *args)
+        err = capsys.readouterr().err
+        assert info.value.code == 3 and "Traceback" not in err
+        assert "non-finite loss at step 2: the student's next-token probabilities while sampling" in err
+        assert Path("checkpoints/nonfinite-step000002.ckpt").exists()
+    else:
+        _fit(tiny_dirs["qwen2"], path, *args)
+        client = MlflowClient(mlflow_uri)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.data.metrics["train/skipped_steps"] == 2  # steps 2 and 3 both sampled from NaN weights
+
+
 # ------------------------------------------------------------------ knobs: checked before any model loads
 
 
@@ -207,7 +246,8 @@ def no_model_loading(monkeypatch):
     (["--data.max_prompt_length", "0"], ["field 'data.max_prompt_length'"]),
     (["--data.max_eval_items", "0"], ["field 'data.max_eval_items'"]),
     (["--data.num_workers", "-1"], ["field 'data.num_workers'"]),
-    (["--data.verifier", "exactly"], ["field 'data.verifier'", "choice"]),
+    (["--data.task.verifier", "exactly"], ["field 'data.task.verifier'", "choice", "module:attr"]),
+    (["--data.task.verifier", "no_such_module:verify"], ["field 'data.task.verifier'", "module:attr"]),
     (["--data.template", "chatml"], ["field 'data.template'", "plain"]),
     (["--trainer.max_steps", "0"], ["field 'trainer.max_steps'", "-1"]),
     (["--trainer.accumulate_grad_batches", "0"], ["field 'trainer.accumulate_grad_batches'"]),
@@ -227,18 +267,31 @@ def test_knob_out_of_range_in_config_file_names_file_and_line(tiny_dirs, jsonl_f
     cfg.write_text("model:\n  anchor_weight: 0.5\n  max_new_tokens: 4\n  lr: -1.0e-4\n")
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--config", str(cfg)),
                        f"{cfg}, line 4, field 'model.lr'", "must be > 0")
-    # nested: a data subclass's init_args and a callback's init_args in the shipped world config style
+    # nested: a task's init_args and a callback's init_args in the shipped world config style
     world = tmp_path / "world.yaml"
-    world.write_text("data:\n  class_path: lightning_ctx.tasks.world.WorldDataModule\n  init_args:\n"
-                     "    target_context: SHOW\n    batch_size: 64\n    n_train: 0\n")
+    world.write_text("data:\n  task:\n    class_path: lightning_ctx.tasks.world.WorldTask\n    init_args:\n"
+                     "      target_context: SHOW\n      n_train: 0\n  batch_size: 64\n")
     _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(world)]),
-                       f"{world}, line 6, field 'data.n_train'", ">= 1")
+                       f"{world}, line 6, field 'data.task.n_train'", ">= 1")
+    _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(world), "--data.task.n_train", "-2"]),
+                       "command line", "field 'data.task.n_train'", ">= 1")
     cb = tmp_path / "cb.yaml"
     cb.write_text("trainer:\n  max_steps: 2\n  callbacks:\n"
                   "    - class_path: lightning_ctx.eval.ContextRemovabilityCallback\n"
                   "      init_args:\n        every_n_steps: 10\n        num_samples: 2\n        temperature: 0.0\n")
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], path, "--config", str(cb)),
                        f"{cb}, line 8, field 'trainer.callbacks.temperature'", "> 0")
+
+
+def test_a_config_of_the_old_data_shape_is_told_the_new_one(tmp_path, mlflow_uri, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  class_path: lightning_ctx.tasks.world.WorldDataModule\n  init_args:\n"
+                   "    target_context: SHOW\n")
+    line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(old)]), str(old))
+    assert "the task now goes under data.task" in line and "WorldTask" in line
+    line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", "builtin:world.yaml",
+                                                                "--data.init_args.target_context", "ADD2"]))
+    assert "the task now goes under data.task" in line
 
 
 def test_knob_checks_accept_what_is_valid():
@@ -256,6 +309,15 @@ def test_knob_checks_accept_what_is_valid():
         check_class_args(OnPolicyDistillation, {"anchor_weight": True}, "model.")
     with pytest.raises(ConfigError, match="anchor_weight"):  # Python users get the same check
         OnPolicyDistillation(student="builtin:world", anchor_weight=-1)
+    # choices come from the Literal types (declared once): Optional[Literal] too, None passing
+    with pytest.raises(ConfigError, match="model.divergence.*must be one of reverse_kl, forward_kl, jsd, sampled"):
+        check_class_args(OnPolicyDistillation, {"divergence": "kl"}, "model.")
+    with pytest.raises(ConfigError, match="model.teacher_quantization.*must be one of 4bit, 8bit, got '2bit'"):
+        check_class_args(OnPolicyDistillation, {"teacher_quantization": "2bit"}, "model.")
+    check_class_args(OnPolicyDistillation, {"teacher_quantization": None, "scope": "topk"}, "model.")
+    # a subclass passing **kwargs on keeps its base's checks, with the base's defaults for conditional ones
+    with pytest.raises(ConfigError, match="trainer.callbacks.every_n_steps"):
+        ContextRemovabilityCallback(every_n_steps=-1)
 
 
 def test_retain_weight_without_retain_contexts_is_a_config_error(tiny_dirs, jsonl_file, mlflow_uri, capsys):
@@ -271,9 +333,9 @@ def test_bad_files(tiny_dirs, jsonl_file, mlflow_uri, capsys, tmp_path):
     folder = tmp_path / "a_folder.jsonl"
     folder.mkdir()
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], str(folder)),
-                       "field 'data.train_file'", "is a folder")
+                       "field 'data.task.train_file'", "is a folder")
     _expect_user_error(capsys, mlflow_uri, lambda: _fit(tiny_dirs["qwen2"], str(tmp_path / "missing.jsonl")),
-                       "field 'data.train_file'", "does not exist")
+                       "field 'data.task.train_file'", "does not exist")
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes((GOOD + "\n").encode() + '{"id": "b", "context": "caf\xe9", "prompt": "1", "answer": "1"}\n'
                        .encode("latin-1"))

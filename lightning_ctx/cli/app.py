@@ -1,5 +1,6 @@
-"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus ``compare``, ``pretrain-world``,
-``pretrain-games``, ``extract``.
+"""``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus the commands of :data:`EXTRA_COMMANDS`
+(``export``, ``compare``, ``ui``, ``extract``, ``pretrain-world``, ``pretrain-games``); ``lightning-ctx --help`` lists
+them all.
 
 Config composition lives in :mod:`lightning_ctx.cli.compose`, locating config errors and the knob checks in
 :mod:`lightning_ctx.cli.locate`; this module is the command itself.
@@ -15,17 +16,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ctx.checkpointing import RunCheckpoint, find_last_checkpoint, read_mlflow_run_id
 from lightning_ctx.cli.compose import expand_configs
 from lightning_ctx.cli.locate import check_knobs, locate_config_error
-from lightning_ctx.data.datamodule import ContextPairDataModule
+from lightning_ctx.console import CompactModelSummary, PlainJsonargparseFormatter, quiet_third_party
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError
+from lightning_ctx.export import ModelExport
 from lightning_ctx.models.loading import ModelError
 from lightning_ctx.module import NonFiniteLossError, OnPolicyDistillation
-from lightning_ctx.progress import StepProgressBar
+from lightning_ctx.progress import progress_callback
+from lightning_ctx.summary import run_summary
 from lightning_ctx.tracking import MLflowConfigCallback, MLflowLogger, TrackingError, check_tracking_reachable
 
 USER_ERRORS = (DataError, ModelError, TrackingError)
@@ -42,37 +46,12 @@ class ConciseArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
-def fix_subclass_defaults(cfg) -> None:
-    """Give a data module subclass its own defaults (jsonargparse issue #460).
-
-    When a config switches ``data.class_path`` away from ``ContextPairDataModule``, jsonargparse keeps
-    the base class's defaults for shared arguments (``WorldDataModule`` would get ``batch_size=8``).
-    An argument still equal to the base default is reset to the subclass default; the one thing this
-    cannot tell apart is a value set explicitly to exactly the base default.
-    """
-    import importlib
-    import inspect
-
-    data = cfg.get("data") if cfg is not None else None
-    class_path = getattr(data, "class_path", None) if data is not None else None
-    if not class_path or class_path.endswith(".ContextPairDataModule"):
-        return
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        return
-    base = inspect.signature(ContextPairDataModule.__init__).parameters
-    own = inspect.signature(cls.__init__).parameters
-    init_args = data.init_args
-    for key, param in own.items():
-        if key in base and key in init_args and param.default is not inspect.Parameter.empty:
-            if init_args[key] == base[key].default and param.default != base[key].default:
-                init_args[key] = param.default
-
-
 class ContextCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True, **kwargs):
+    """``print_summary``: the run summary after fit / validate / test (:mod:`lightning_ctx.summary`)."""
+
+    def __init__(self, args=None, run: bool = True, print_summary: bool = True, **kwargs):
+        quiet_third_party()
+        self.print_summary = print_summary
         if args is None or isinstance(args, (list, tuple)):
             args = expand_configs(list(sys.argv[1:] if args is None else args))
             _CURRENT_ARGV[:] = args
@@ -83,27 +62,37 @@ class ContextCLI(LightningCLI):
         })
         super().__init__(
             OnPolicyDistillation,
-            ContextPairDataModule,
-            subclass_mode_data=True,
+            TaskDataModule,  # the one DataModule: configs name its task (data.task), not a DataModule class
             parser_class=ConciseArgumentParser,
             save_config_callback=MLflowConfigCallback,
             save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False,
+                           "formatter_class": PlainJsonargparseFormatter},
             args=args,
             run=run,
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (no ``predict``: the module has no ``forward`` to predict with)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, without its warning about ``args`` beside ``sys.argv``: :func:`main` passes the command line
+        itself, with every config's ``defaults`` expanded (``expand_configs``)."""
+        self.config = parser.parse_args(args) if isinstance(args, (list, tuple)) else parser.parse_object(args)
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"data": {"class_path": "lightning_ctx.data.datamodule.ContextPairDataModule"}})
+        parser.set_defaults({"data.task": {"class_path": "lightning_ctx.data.task.JSONLTask"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelExport, "export")
         parser.add_argument("--defaults", type=Optional[list[str]], default=None,
                             help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
                                  "to this file); expanded by lightning-ctx before parsing.")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        fix_subclass_defaults(cfg)
         check_knobs(cfg, _CURRENT_ARGV)
         if cfg is not None and "weights_only" in cfg and cfg.get("weights_only") is None:
             cfg.weights_only = True  # --ckpt_path loads tensors and primitives only, never arbitrary pickles
@@ -115,7 +104,9 @@ class ContextCLI(LightningCLI):
             callbacks = [cb for cb in callbacks if not isinstance(cb, RunCheckpoint)]
         chosen = list(callbacks) + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in chosen):
-            callbacks = [*callbacks, StepProgressBar()]  # steps out of max_steps, not a per-epoch bar
+            callbacks = [*callbacks, progress_callback()]  # a bar over steps in a terminal, short lines in a log
+        if config.get("enable_model_summary") is not False and not any(isinstance(cb, ModelSummary) for cb in chosen):
+            callbacks = [*callbacks, CompactModelSummary()]  # one line instead of Lightning's table
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare(self) -> None:
@@ -162,6 +153,20 @@ class ContextCLI(LightningCLI):
     def before_test(self) -> None:
         self._prepare()
 
+    def _summarize(self, stage: str) -> None:
+        text = run_summary(self.trainer, stage) if self.print_summary else None
+        if text:
+            print(text, flush=True)
+
+    def after_fit(self) -> None:
+        self._summarize("fit")
+
+    def after_validate(self) -> None:
+        self._summarize("validate")
+
+    def after_test(self) -> None:
+        self._summarize("test")
+
 
 # Subcommands outside LightningCLI: name -> "module:function" taking argv (imported lazily).
 EXTRA_COMMANDS = {
@@ -169,13 +174,45 @@ EXTRA_COMMANDS = {
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
     "pretrain-games": "lightning_ctx.tasks.games.frozenlake_base.pretrain:main",
     "extract": "lightning_ctx.tasks.games.extract:extract_main",
+    "export": "lightning_ctx.export:export_main",
+    "ui": "lightning_ctx.cli.ui:ui_main",
 }
+
+# One line per subcommand for ``lightning-ctx --help`` (every registered command has one: tests/test_cli_help.py).
+DESCRIPTIONS = {
+    "fit": "distill: train the student from a config (--config FILE), evaluate it, track it in MLflow",
+    "validate": "evaluate a model (or --ckpt_path) on the validation split",
+    "test": "evaluate a model (or --ckpt_path) on the test split (metrics test/*)",
+    "export": "the distilled student as a save_pretrained folder, from a checkpoint or an MLflow run",
+    "compare": "the OPD vs anchored table of finished runs, read back from MLflow",
+    "ui": "the MLflow UI on ./mlruns (a moved or copied store is re-rooted first)",
+    "extract": "a text game's experience, written by the model from its own games (OPCD's extraction)",
+    "pretrain-world": "retrain the built-in rule-world base model (builtin:world)",
+    "pretrain-games": "retrain the built-in FrozenLake game base model (builtin:games)",
+}
+
+
+def top_level_help() -> str:
+    registered = [*ContextCLI.subcommands(), *EXTRA_COMMANDS]
+    names = [n for n in DESCRIPTIONS if n in registered] + [n for n in registered if n not in DESCRIPTIONS]
+    width = max(map(len, names)) + 2
+    lines = ["usage: lightning-ctx COMMAND [--help] [options]", "",
+             "On-policy context distillation on PyTorch Lightning; runs are tracked in MLflow (./mlruns).", "",
+             "commands:"]
+    lines += [f"  {name.ljust(width)}{DESCRIPTIONS.get(name, '')}" for name in names]
+    lines += ["", "Run `lightning-ctx COMMAND --help` for the flags of one command (fit, validate and test share",
+              "theirs; `lightning-ctx fit --print_config` prints every knob with its value)."]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _CURRENT_ARGV[:] = argv
+    quiet_third_party()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        raise SystemExit(0 if argv else 2)
     if argv and argv[0] in EXTRA_COMMANDS:
         import importlib
 

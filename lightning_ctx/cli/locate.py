@@ -9,13 +9,14 @@ from typing import Optional
 
 from lightning_ctx.checkpointing import RunCheckpoint
 from lightning_ctx.cli.compose import config_files
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.knobs import Check, ConfigError, at_least, check_class_args
 from lightning_ctx.module import OnPolicyDistillation
 
 
 def _yaml_key_line(node, parts: list[str]) -> Optional[int]:
     """1-based line of the key ``parts`` under a composed YAML ``node`` (``init_args`` levels and list
-    items, such as callbacks, are looked through)."""
+    items, such as callbacks, are looked through; ``callbacks+``, a list appended to, is ``callbacks``)."""
     import yaml
 
     if not parts:
@@ -29,7 +30,7 @@ def _yaml_key_line(node, parts: list[str]) -> Optional[int]:
     if not isinstance(node, yaml.MappingNode):
         return None
     for key, value in node.value:
-        if key.value == parts[0]:
+        if key.value in (parts[0], f"{parts[0]}+"):
             return key.start_mark.line + 1 if len(parts) == 1 else _yaml_key_line(value, parts[1:])
     for key, value in node.value:
         if key.value == "init_args":
@@ -46,7 +47,9 @@ def locate_key(key: str, argv: list[str], leaf_fallback: bool = False) -> Option
     import yaml
 
     parts = key.split(".")
-    spellings = {f"--{key}", f"--{parts[0]}.init_args.{'.'.join(parts[1:])}"}
+    # --data.task.x is also written --data.task.init_args.x; a callback's --trainer.callbacks.init_args.x
+    spellings = {f"--{key}",
+                 *(f"--{'.'.join(parts[:i])}.init_args.{'.'.join(parts[i:])}" for i in range(1, len(parts)))}
     if any(a.split("=", 1)[0] in spellings for a in argv):
         return "command line", None
     for path in reversed(config_files(argv)):  # the last config that sets a key wins
@@ -69,14 +72,22 @@ def _leaf_line(path: str, leaf: str) -> Optional[int]:
     return None
 
 
+#: Said when a config still uses the data section's old shape (a DataModule subclass per task).
+OLD_DATA_SHAPE = ("the task now goes under data.task ({class_path: lightning_ctx.tasks.world.WorldTask, init_args: "
+                  "{...}}; the *DataModule classes are *Task classes) and the loader's knobs (batch_size, "
+                  "max_prompt_length, ...) directly under data; see docs/design.md, \"Data\"")
+
+
 def locate_config_error(message: str, argv: list[str]) -> str:
-    """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file."""
+    """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file (and say how
+    the data section changed when the key is of its old shape)."""
     message = " ".join(message.split())
+    hint = f" ({OLD_DATA_SHAPE})" if re.search(r"data\.(init_args|class_path)|DataModule", message) else ""
     for key in re.findall(r"""['"]([A-Za-z_][\w.]*)['"]""", message):
         where = locate_key(key, argv, leaf_fallback=True)
         if where is not None and where[1] is not None:
-            return f"{where[0]}, line {where[1]}, field '{key}': {message}"
-    return message
+            return f"{where[0]}, line {where[1]}, field '{key}': {message}{hint}"
+    return message + hint
 
 
 def check_knobs(cfg, argv: list[str]) -> None:
@@ -93,11 +104,20 @@ def check_knobs(cfg, argv: list[str]) -> None:
         except (ImportError, AttributeError, ValueError):
             return None  # jsonargparse reports unknown classes itself
 
+    def as_dict(args) -> dict:
+        return dict(vars(args)) if not isinstance(args, dict) else dict(args)
+
     sections = [(OnPolicyDistillation, cfg.get("model"), "model."),
                 (RunCheckpoint, cfg.get("checkpoint"), "checkpoint."), (TrainerKnobs, cfg.get("trainer"), "trainer.")]
     data = cfg.get("data")
-    if data is not None and getattr(data, "class_path", None):
-        sections.append((cls_of(data.class_path), data.get("init_args"), "data."))
+    if data is not None:
+        data_args = as_dict(data)
+        sections.append((TaskDataModule, data_args, "data."))
+        task = data_args.get("task")
+        if task is not None and getattr(task, "class_path", None):
+            # a task's checks also see the DataModule's knobs (the games' playability reads max_eval_items)
+            loader = {k: v for k, v in data_args.items() if k != "task"}
+            sections.append((cls_of(task.class_path), {**loader, **as_dict(task.get("init_args") or {})}, "data.task."))
     trainer = cfg.get("trainer")
     for callback in (trainer.get("callbacks") if trainer is not None else None) or []:
         if getattr(callback, "class_path", None):
@@ -105,7 +125,7 @@ def check_knobs(cfg, argv: list[str]) -> None:
     try:
         for cls, args, prefix in sections:
             if cls is not None and args is not None:
-                check_class_args(cls, dict(vars(args)) if not isinstance(args, dict) else args, prefix)
+                check_class_args(cls, as_dict(args), prefix)
     except ConfigError as err:
         where = locate_key(err.field, argv)
         path, line = where if where is not None else (None, None)

@@ -1,43 +1,21 @@
-"""``ContextPairDataModule``: JSONL task files -> batches carrying both renderings of every record."""
+"""``TaskDataModule``: the one DataModule. It holds a :class:`~lightning_ctx.data.task.Task` (``data.task``) and owns
+everything generic: the tokenizer, batch sizes, ``max_prompt_length``, the template, the retention term's contexts,
+the eval cap, workers, and samplers that resume exactly and shard over ranks.
+"""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import warnings
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_ctx.data.records import DataError, TaskRecord, load_jsonl
-from lightning_ctx.data.render import PromptRenderer, left_pad
-from lightning_ctx.data.verifiers import VERIFIER_NAMES, answer_parser, build_verifier
-from lightning_ctx.knobs import at_least, check_class_args, existing_file, one_of
-
-
-@dataclass
-class ContextPairBatch:
-    """A batch of records rendered without (``prompt_*``) and with (``ctx_prompt_*``) the context.
-
-    Tensors are left-padded ``[B, P]``. Lightning moves the tensor fields to the device.
-    ``retain_*`` (optional) render the same prompts under *other* contexts for the retention term.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    ctx_prompt_ids: torch.Tensor
-    ctx_prompt_mask: torch.Tensor
-    ids: list[str]
-    contexts: list[str]
-    prompts: list[str]
-    answers: list[str]
-    retain_prompt_ids: Optional[torch.Tensor] = None
-    retain_prompt_mask: Optional[torch.Tensor] = None
-    retain_contexts: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
+from lightning_ctx.data.records import DataError, TaskRecord
+from lightning_ctx.data.render import PromptRenderer
+from lightning_ctx.data.task import SPLITS, Task
+from lightning_ctx.knobs import Check, at_least, check_class_args, one_of
 
 
 class RecordDataset(Dataset):
@@ -105,80 +83,45 @@ class ResumableSampler(DistributedSampler):
             yield epoch * self.n + i
 
 
-class PairCollator:
-    """Tokenizes records twice; picklable so DataLoader workers can use it."""
-
-    def __init__(self, renderer: PromptRenderer, pad_id: int, retain_contexts: list[str] | None = None,
-                 seed: int = 0):
-        self.renderer = renderer
-        self.pad_id = pad_id
-        self.retain_contexts = list(retain_contexts or [])
-        self.seed = seed
-
-    def __call__(self, items: list) -> ContextPairBatch:
-        # Items are (draw, record) from RecordDataset, or bare records (direct use in notebooks/tests).
-        draws = [it[0] if isinstance(it, tuple) else i for i, it in enumerate(items)]
-        records = [it[1] if isinstance(it, tuple) else it for it in items]
-        plain = [self.renderer.ids(r.prompt) for r in records]
-        with_ctx = [self.renderer.ids(r.prompt, r.context) for r in records]
-        p_ids, p_mask = left_pad(plain, self.pad_id)
-        c_ids, c_mask = left_pad(with_ctx, self.pad_id)
-        batch = ContextPairBatch(p_ids, p_mask, c_ids, c_mask, [r.id for r in records],
-                                 [r.context for r in records], [r.prompt for r in records],
-                                 [r.answer for r in records])
-        if self.retain_contexts:
-            chosen = []
-            for draw, r in zip(draws, records):
-                pool = [c for c in self.retain_contexts if c != r.context] or self.retain_contexts
-                chosen.append(random.Random(f"{self.seed}:{draw}").choice(pool))
-            batch.retain_prompt_ids, batch.retain_prompt_mask = left_pad(
-                [self.renderer.ids(r.prompt, c) for r, c in zip(records, chosen)], self.pad_id)
-            batch.retain_contexts = chosen
-        return batch
-
-
-class ContextPairDataModule(pl.LightningDataModule):
-    """Paired-context data from JSONL files with ``{id, context, prompt, answer}`` records.
+class TaskDataModule(pl.LightningDataModule):
+    """The one DataModule: a task's records, rendered and batched (docs/design.md, "Data").
 
     Args:
-        train_file / val_file / test_file: JSONL paths.
+        task: the task (``data.task: {class_path: ..., init_args: {...}}``; default: ``JSONLTask``, JSONL files).
         tokenizer: tokenizer path (the CLI links it to ``model.student``).
-        batch_size: prompts per training step (each gets one on-policy response).
+        batch_size: prompts (games) per training step (each gets one on-policy response).
         eval_batch_size: prompts per evaluation batch (default: batch_size).
         max_prompt_length: the longest allowed context + prompt rendering in tokens; longer records
             are an error before training (no silent truncation).
         template: ``auto`` | ``chat`` | ``plain`` (see ``PromptRenderer``).
-        verifier: ``exact`` | ``regex`` | ``choice`` | ``world`` | ``frozenlake`` | ``mcqa_tagged`` | ``mcqa_opcd``
-            | ``safety`` | ``safety_opcd``; ``verifier_kwargs`` go to it.
-        retain_contexts: other contexts c' for the optional retention term (empty = off).
-        retain_others: also retain every context of the train split (each record draws one that is not its
-            own), so a method config can turn retention on without knowing the task's contexts.
+        retain_contexts: other contexts c' for the optional retention term (``model.retain_weight``; empty = off).
+        retain_others: also retain the task's other contexts (``Task.retain_others``: every context of the train
+            split, each record drawing one that is not its own; the world lists its in-distribution ones), so a
+            method config can turn the retention term on without knowing the task's contexts.
         max_eval_items: cap on val/test items (None = all).
+        num_workers / shuffle / seed: the training loader's workers, epoch shuffling and its seed (also the seed of
+            the retention term's draws).
     """
 
     KNOB_CHECKS = (
-        existing_file("train_file"), existing_file("val_file"), existing_file("test_file"),
+        Check("task", lambda v: v is not None, "must name a task: {class_path: lightning_ctx.tasks.world.WorldTask, "
+              "init_args: {...}} or another Task subclass", required=True),
         at_least("batch_size", 1), at_least("eval_batch_size", 1), at_least("max_prompt_length", 1),
-        one_of("template", ("auto", "chat", "plain")), one_of("verifier", VERIFIER_NAMES),
-        at_least("max_eval_items", 1), at_least("num_workers", 0),
+        one_of("template", ("auto", "chat", "plain")), at_least("max_eval_items", 1), at_least("num_workers", 0),
     )
 
-    def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
-                 test_file: Optional[str] = None, tokenizer: Optional[str] = None, batch_size: int = 8,
+    def __init__(self, task: Task, tokenizer: Optional[str] = None, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, max_prompt_length: int = 1024, template: str = "auto",
-                 verifier: str = "exact", verifier_kwargs: Optional[dict[str, Any]] = None,
                  retain_contexts: Optional[list[str]] = None, retain_others: bool = False,
                  max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
-        check_class_args(ContextPairDataModule, locals(), "data.")
+        check_class_args(TaskDataModule, locals(), "data.")
         super().__init__()
-        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.task = task
         self.tokenizer_path = tokenizer
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.max_prompt_length = max_prompt_length
         self.template = template
-        self.verifier_name = verifier
-        self.verifier = build_verifier(verifier, **(verifier_kwargs or {}))
         self.retain_contexts = list(retain_contexts or [])
         self.retain_others = retain_others
         self.max_eval_items = max_eval_items
@@ -190,8 +133,12 @@ class ContextPairDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[TaskRecord]] = {}
         self._validated = False
 
-    # -- loading ---------------------------------------------------------------------------------
-    # -- the contract with the module, the evaluator and the CLI (docs/design.md, "Data") ---------------
+    @property
+    def verifier(self):
+        """The task's verifier (the evaluation reads answers with it)."""
+        return self.task.verifier
+
+    # -- the contract with the module, the evaluation and the CLI (docs/design.md, "Data") ---------------
     def connect(self, tokenizer) -> None:
         """Render with ``tokenizer`` (the student's) and check every split, before anything trains.
 
@@ -201,14 +148,6 @@ class ContextPairDataModule(pl.LightningDataModule):
         if tokenizer is not self.tokenizer:
             self.tokenizer, self.renderer, self._validated = tokenizer, None, False
         self.validate()
-
-    def load_split_records(self, split: str) -> list[TaskRecord] | None:
-        """Records of one split; subclasses (e.g. generated tasks) override this."""
-        path = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
-        return load_jsonl(path) if path else None
-
-    def split_source(self, split: str) -> str:
-        return str({"train": self.train_file, "val": self.val_file, "test": self.test_file}[split])
 
     def _ensure_tokenizer(self) -> None:
         """Standalone use (no ``connect``): load ``data.tokenizer`` by path."""
@@ -221,58 +160,45 @@ class ContextPairDataModule(pl.LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_path)
 
     def validate(self) -> None:
-        """Load every configured split and check it end to end; raises ``DataError`` before training."""
+        """Load every split of the task and check it end to end (``Task.connect``); raises ``DataError`` before
+        training."""
         if self._validated:
             return
         self._ensure_tokenizer()
         self.renderer = PromptRenderer(self.tokenizer, self.template)
-        parse = answer_parser(self.verifier)
-        for split in ("train", "val", "test"):
-            records = self.load_split_records(split)
+        self.splits = {}
+        for split in SPLITS:
+            records = self.task.load(split)
             if records is None:
                 continue
-            source = self.split_source(split)
             if split != "train" and self.max_eval_items is not None:
                 records = records[: self.max_eval_items]
-            for lineno, rec in enumerate(records, start=1):
-                if parse(rec.answer) is None:
-                    raise DataError(f"the {self.verifier_name!r} verifier cannot parse answer {rec.answer!r}",
-                                    path=source, line=lineno, field="answer")
-                n = len(self.renderer.ids(rec.prompt, rec.context))
-                if n > self.max_prompt_length:
-                    raise DataError(f"context + prompt is {n} tokens, longer than data.max_prompt_length="
-                                    f"{self.max_prompt_length} (no silent truncation: shorten the record or "
-                                    f"raise the limit)", path=source, line=lineno, field="context")
             self.splits[split] = records
-        if "train" not in self.splits and not self.splits:
-            raise DataError("no data: set data.train_file (and optionally val_file / test_file)",
-                            field="data.train_file")
+        if not self.splits:
+            raise DataError(f"{type(self.task).__name__} has no split: give it records for train (and val / test)",
+                            field="data.task")
+        self.task.connect(self)
         if self.retain_others and "train" in self.splits:
-            seen = dict.fromkeys([*self.retain_contexts, *(r.context for r in self.splits["train"])])
-            if len(seen) < 2:
+            pool = list(dict.fromkeys([*self.retain_contexts, *self.task.retain_others(self.splits["train"])]))
+            if len(pool) < 2:
                 raise DataError("the train split has a single context, so there are no others to retain: list "
-                                "them in data.retain_contexts", path=self.split_source("train"),
+                                "them in data.retain_contexts", path=self.task.source("train"),
                                 field="data.retain_others")
-            self.retain_contexts = list(seen)
+            self.retain_contexts = pool
         self._validated = True
 
     def longest_prompt(self) -> int:
-        """Longest with-context rendering over all splits (for the model's position limit check)."""
+        """The longest prefix a response is sampled from (the model's position check, the rollout warm-up)."""
         self.validate()
-        return max((len(self.renderer.ids(r.prompt, r.context)) for recs in self.splits.values() for r in recs),
-                   default=0)
+        return self.task.longest_prompt(self)
 
     def setup(self, stage: str | None = None) -> None:
         self.validate()
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _collator(self, retain: bool) -> PairCollator:
-        pad_id = self.tokenizer.pad_token_id
-        return PairCollator(self.renderer, pad_id, self.retain_contexts if retain else None, seed=self.seed)
-
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
-            raise DataError(f"no {split} data configured", field=f"data.{split}_file")
+            raise DataError(f"{type(self.task).__name__} has no {split} split", field="data.task")
         records = self.splits[split]
         world, rank = self._ranks()
         sampler = ResumableSampler(len(records), shuffle=train and self.shuffle, seed=self.seed,
@@ -281,7 +207,7 @@ class ContextPairDataModule(pl.LightningDataModule):
             sampler.start_at(self._draws_done())
         return DataLoader(RecordDataset(records), batch_size=self.batch_size if train else self.eval_batch_size,
                           sampler=sampler, drop_last=False, num_workers=self.num_workers,
-                          collate_fn=self._collator(retain=train))
+                          collate_fn=self.task.collator(self, retain=train))
 
     def _ranks(self) -> tuple[int, int]:
         """``(world size, global rank)`` of the trainer's strategy (``(1, 0)`` without a trainer)."""
@@ -319,10 +245,15 @@ class ContextPairDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
     def records(self, split: str) -> list[TaskRecord]:
-        """The checked records of ``split`` (``train``, ``val``, ``test``); empty when not configured."""
+        """The checked records of ``split`` (``train``, ``val``, ``test``); empty when the task has none."""
         self.validate()
         return self.splits.get(split, [])
 
+    def eval_other_records(self, split: str = "val") -> list[TaskRecord]:
+        """Items under *other* contexts for the ``retention`` metric (``Task.eval_other_records``)."""
+        return self.task.eval_other_records(split)
+
     def retention_records(self, split: str = "val") -> list[TaskRecord]:
-        """Items under *other* contexts for the ``retention`` metric; none unless a task provides them."""
-        return []
+        """Deprecated name of :meth:`eval_other_records` (kept for one release)."""
+        warnings.warn("TaskDataModule.retention_records is renamed eval_other_records", FutureWarning, stacklevel=2)
+        return self.eval_other_records(split)

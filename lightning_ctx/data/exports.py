@@ -24,16 +24,17 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_ctx.data.datamodule import ContextPairDataModule
 from lightning_ctx.data.records import TaskRecord
+from lightning_ctx.data.task import TASK_PREFIX, Task
+from lightning_ctx.data.verifiers import Verifier, exact_match
 from lightning_ctx.errors import ConfigError, DataError
 from lightning_ctx.knobs import check_class_args, existing_file, one_of
 from lightning_ctx.textfiles import file_problem, read_json_lines, read_text
 
-__all__ = ["DEFAULT_FIELDS", "MISSING", "SCORINGS", "ExportDataModule", "convert_export_rows", "field_value",
+__all__ = ["DEFAULT_FIELDS", "MISSING", "SCORINGS", "ExportTask", "convert_export_rows", "field_value",
            "read_export_rows", "read_context_file", "resolve_fields"]
 
-SCORINGS = ("strict", "opcd")  # data.scoring: our strict reading of the answer tag, or OPCD's
+SCORINGS = ("strict", "opcd")  # the scoring knob: our strict reading of the answer tag, or OPCD's
 DEFAULT_FIELDS = {"prompt": "content", "answer": "answer|reward_model.ground_truth", "id": "id"}
 MISSING = _MISSING = object()  # field_value's "no such field"
 
@@ -43,7 +44,8 @@ def resolve_fields(fields: Optional[Mapping[str, str]]) -> dict[str, str]:
     fields = dict(fields or {})
     unknown = sorted(set(fields) - set(DEFAULT_FIELDS))
     if unknown:
-        raise DataError(f"unknown key(s) {unknown}; the field map has {sorted(DEFAULT_FIELDS)}", field="data.fields")
+        raise DataError(f"unknown key(s) {unknown}; the field map has {sorted(DEFAULT_FIELDS)}",
+                        field=f"{TASK_PREFIX}fields")
     return {**DEFAULT_FIELDS, **{k: v for k, v in fields.items() if v}}
 
 
@@ -91,7 +93,7 @@ def _prompt_text(value: Any, where: dict, spec: str) -> str:
     if isinstance(value, list):  # chat messages
         users = [m for m in value if isinstance(m, Mapping) and m.get("role") == "user"]
         if any(isinstance(m, Mapping) and m.get("role") == "system" for m in value):
-            raise DataError("the row already holds a system message; the context comes from data.system_prompt_file "
+            raise DataError("the row already holds a system message; the context comes from system_prompt_file "
                             "(export the user turn only)", field=spec, **where)
         if len(users) != 1 or len(value) != 1:
             raise DataError(f"expected one user message, got {len(value)} message(s)", field=spec, **where)
@@ -119,7 +121,7 @@ def convert_export_rows(rows: Iterable[tuple[int, Any]], context: str, normalize
             raise DataError(f"expected an object, got {type(row).__name__}", **where)
         prompt_value = field_value(row, fmap["prompt"])
         if prompt_value is _MISSING:
-            raise DataError(f"no prompt field {fmap['prompt']!r} (fields in this row: {sorted(row)}); set data.fields "
+            raise DataError(f"no prompt field {fmap['prompt']!r} (fields in this row: {sorted(row)}); set fields "
                             "to map yours", field=fmap["prompt"], **where)
         prompt = _prompt_text(prompt_value, where, fmap["prompt"])
         if instruction:
@@ -128,7 +130,7 @@ def convert_export_rows(rows: Iterable[tuple[int, Any]], context: str, normalize
         if raw_answer is _MISSING or raw_answer == "":
             if skip_unlabeled:
                 continue
-            raise DataError(f"no gold answer in {fmap['answer']!r} (set data.skip_unlabeled to drop such rows)",
+            raise DataError(f"no gold answer in {fmap['answer']!r} (set skip_unlabeled to drop such rows)",
                             field=fmap["answer"], **where)
         answer = normalize_answer(raw_answer)
         if answer is None:
@@ -147,23 +149,24 @@ def convert_export_rows(rows: Iterable[tuple[int, Any]], context: str, normalize
 def read_context_file(system_prompt: Optional[str], system_prompt_file: Optional[str | Path]) -> str:
     """The context: ``system_prompt`` or the stripped content of ``system_prompt_file`` (exactly one of them)."""
     if (system_prompt is None) == (system_prompt_file is None):
-        raise DataError("set exactly one of data.system_prompt_file (a prompt file, e.g. "
-                        "experiments/data/sys_safety_prompt.txt) and data.system_prompt",
-                        field="data.system_prompt_file")
+        raise DataError("set exactly one of system_prompt_file (a prompt file, e.g. "
+                        "experiments/data/sys_safety_prompt.txt) and system_prompt",
+                        field=f"{TASK_PREFIX}system_prompt_file")
     if system_prompt is not None:
         if not system_prompt.strip():
-            raise DataError("is empty", field="data.system_prompt")
+            raise DataError("is empty", field=f"{TASK_PREFIX}system_prompt")
         return system_prompt.strip()
-    text = read_text(system_prompt_file, field="data.system_prompt_file").strip()
+    text = read_text(system_prompt_file, field=f"{TASK_PREFIX}system_prompt_file").strip()
     if not text:
-        raise DataError("system prompt file is empty", path=system_prompt_file, field="data.system_prompt_file")
+        raise DataError("system prompt file is empty", path=system_prompt_file,
+                        field=f"{TASK_PREFIX}system_prompt_file")
     return text
 
 
-class ExportDataModule(ContextPairDataModule):
+class ExportTask(Task):
     """Base of the system-prompt tasks: export files (parquet / JSONL / JSON) converted on the fly.
 
-    Subclasses set ``VERIFIERS`` (which registered verifier each scoring uses) and ``normalize_answer``.
+    Subclasses set ``VERIFIERS`` (the verifier each scoring uses, built without arguments) and ``normalize_answer``.
 
     Args:
         train_file / val_file / test_file: export files: parquet, JSONL or a JSON array (see the module docs).
@@ -179,32 +182,27 @@ class ExportDataModule(ContextPairDataModule):
         instruction: a line appended to every prompt; empty by default: in OPCD's protocol the answer format
             lives in the system prompt or the exported prompt.
         skip_unlabeled: drop rows without a gold answer instead of failing.
-        Other arguments as in ``ContextPairDataModule``.
     """
 
-    VERIFIERS = {"strict": "exact"}  # scoring -> verifier name
+    VERIFIERS: dict[str, Callable[[], Verifier]] = {"strict": lambda: exact_match}  # scoring -> verifier factory
     ANSWER_TAG: Optional[str] = None  # the tag the verifiers read; the context or the prompts must ask for it
     FORMAT_EXAMPLE = ""  # an instruction line asking for it, for the error message
     ID_PREFIX = "row-"
-    KNOB_CHECKS = (existing_file("system_prompt_file"), one_of("scoring", SCORINGS))
+    KNOB_CHECKS = (existing_file("train_file"), existing_file("val_file"), existing_file("test_file"),
+                   existing_file("system_prompt_file"), one_of("scoring", SCORINGS))
 
     def __init__(self, train_file: Optional[str] = None, val_file: Optional[str] = None,
                  test_file: Optional[str] = None, system_prompt: Optional[str] = None,
                  system_prompt_file: Optional[str] = None, scoring: str = "strict",
-                 fields: Optional[dict[str, str]] = None, instruction: str = "", skip_unlabeled: bool = False,
-                 tokenizer: Optional[str] = None, batch_size: int = 8, eval_batch_size: Optional[int] = None,
-                 max_prompt_length: int = 1024, template: str = "auto", retain_contexts: Optional[list[str]] = None,
-                 max_eval_items: Optional[int] = None, num_workers: int = 0, shuffle: bool = True, seed: int = 0):
-        check_class_args(ExportDataModule, locals(), "data.")
+                 fields: Optional[dict[str, str]] = None, instruction: str = "", skip_unlabeled: bool = False):
+        check_class_args(ExportTask, locals(), TASK_PREFIX)
         if scoring not in self.VERIFIERS:
             raise ConfigError(f"{type(self).__name__} has no {scoring!r} scoring; choose one of "
-                              f"{', '.join(self.VERIFIERS)}", field="data.scoring")
-        super().__init__(train_file=train_file, val_file=val_file, test_file=test_file, tokenizer=tokenizer,
-                         batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
-                         template=template, verifier=self.VERIFIERS[scoring], retain_contexts=retain_contexts,
-                         max_eval_items=max_eval_items, num_workers=num_workers, shuffle=shuffle, seed=seed)
+                              f"{', '.join(self.VERIFIERS)}", field=f"{TASK_PREFIX}scoring")
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.context = read_context_file(system_prompt, system_prompt_file)
         self.scoring = scoring
+        self.verifier = self.VERIFIERS[scoring]()
         self.fields = resolve_fields(fields)
         self.instruction = instruction
         self.skip_unlabeled = skip_unlabeled
@@ -219,8 +217,8 @@ class ExportDataModule(ContextPairDataModule):
                                    instruction=self.instruction, id_prefix=self.ID_PREFIX,
                                    skip_unlabeled=self.skip_unlabeled, path=path)
 
-    def load_split_records(self, split: str) -> list[TaskRecord] | None:
-        path = {"train": self.train_file, "val": self.val_file, "test": self.test_file}[split]
+    def load(self, split: str) -> list[TaskRecord] | None:
+        path = self.files[split]
         if not path:
             return None
         if path not in self._converted:
@@ -229,6 +227,9 @@ class ExportDataModule(ContextPairDataModule):
             self._converted[path] = records
         return self._converted[path]
 
+    def source(self, split: str) -> str:
+        return str(self.files[split])
+
     def _check_format_is_asked(self, records: list[TaskRecord], path: str) -> None:
         """A model never told to write ``ANSWER_TAG`` scores 0 under either scoring: refuse such a split."""
         tag = self.ANSWER_TAG
@@ -236,5 +237,5 @@ class ExportDataModule(ContextPairDataModule):
             return
         raise DataError(f"neither the system prompt nor any prompt of this file asks for the answer as {tag}...: "
                         "the verifier would score every response wrong. Write the format into the system prompt, or "
-                        f"add it to every prompt with data.instruction (e.g. {self.FORMAT_EXAMPLE!r})",
-                        path=path, field="data.instruction")
+                        f"add it to every prompt with instruction (e.g. {self.FORMAT_EXAMPLE!r})",
+                        path=path, field=f"{TASK_PREFIX}instruction")

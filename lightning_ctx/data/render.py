@@ -8,6 +8,7 @@ response ids, so slicing each at its own ``P`` gives ``[B, R, V]`` blocks that l
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,12 @@ class PromptRenderer:
                             path=getattr(tokenizer, "name_or_path", None), field="chat_template")
         self.tokenizer = tokenizer
         self.use_chat = has_chat and template != "plain"
+        if template == "auto" and not has_chat:
+            # every accuracy, the teacher's included, is then measured on prompts the model was never tuned for
+            warnings.warn(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} has no chat template: prompts use "
+                          "the plain template (context, blank line, prompt). Set data.template: plain if that is "
+                          "intended, or give a tokenizer with a chat template (data.template: chat requires one)",
+                          UserWarning, stacklevel=2)
         self.plain_with_context = plain_with_context
         self.plain_no_context = plain_no_context
 

@@ -120,34 +120,41 @@ def _exact_parse(answer: str) -> str | None:
     return normalize_whitespace(answer) or None
 
 
-# Task verifiers, imported on first use so that the generic data layer never imports a task package.
-TASK_VERIFIERS = {
-    "world": "lightning_ctx.tasks.world.rules:world_verifier",
-    "frozenlake": "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier",
-    "mcqa_tagged": "lightning_ctx.tasks.mcqa.tagged:TaggedChoiceVerifier",
-    "mcqa_opcd": "lightning_ctx.tasks.mcqa.tagged:OPCDChoiceVerifier",
-    "safety": "lightning_ctx.tasks.safety.rules:VerdictVerifier",
-    "safety_opcd": "lightning_ctx.tasks.safety.rules:OPCDVerdictVerifier",
-}
-VERIFIER_NAMES = ("exact", "regex", "choice", *TASK_VERIFIERS)
+GENERIC_VERIFIERS = ("exact", "regex", "choice")
 
 
 def build_verifier(name: str, **kwargs) -> Verifier:
-    """``exact`` | ``regex`` | ``choice`` | a task's verifier (``world``, ``frozenlake``, ``mcqa_tagged``,
-    ``mcqa_opcd``, ``safety``, ``safety_opcd``), with ``kwargs``."""
+    """``exact`` | ``regex`` | ``choice``, or ``module:attr``: any verifier by import path (a class is built with
+    ``kwargs``, a function is used as it is). A task's own verifier comes with the task (``Task.verifier``)."""
     if name == "exact":
         return exact_match
     if name == "regex":
         return RegexVerifier(**kwargs)
     if name == "choice":
         return ChoiceVerifier(**kwargs)
-    if name in TASK_VERIFIERS:
-        import importlib
+    verifier = import_verifier(name)
+    if verifier is None:
+        raise ValueError(f"unknown verifier {name!r}; choose one of {', '.join(GENERIC_VERIFIERS)} or give an import "
+                         "path module:attr")
+    return verifier(**kwargs) if isinstance(verifier, type) else verifier
 
-        module_name, attr = TASK_VERIFIERS[name].split(":")
-        verifier = getattr(importlib.import_module(module_name), attr)
-        return verifier(**kwargs) if isinstance(verifier, type) else verifier
-    raise ValueError(f"unknown verifier {name!r}; choose one of {', '.join(VERIFIER_NAMES)}")
+
+def import_verifier(spec: str):
+    """The object ``module:attr`` names, or None when ``spec`` is not such a path or does not import."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        return None
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def verifier_known(spec: str) -> bool:
+    """A generic verifier's name, or an import path that imports to something callable."""
+    return spec in GENERIC_VERIFIERS or callable(import_verifier(spec))
 
 
 def answer_parser(verifier: Verifier) -> Callable[[str], object]:

@@ -1,8 +1,8 @@
 """Evaluation artifacts: the per-example JSON/HTML table, the curves and the per-layer hidden-state plot.
 
-Write functions only (no Lightning, no logger): :func:`write_eval_artifacts` writes one evaluation's
-files into a folder and says under which artifact path each belongs; the callback uploads them.
-Plots draw on matplotlib's Agg canvas directly, so no global backend is switched.
+Write functions only (no Lightning, no logger): :func:`write_examples` writes one evaluation's tables into a
+folder, :func:`plot_curves` the metrics a registry draws (with their intervals as bands); the evaluation
+callbacks upload them. Plots draw on matplotlib's Agg canvas directly, so no global backend is switched.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["CURVE_KEYS", "LENGTH_KEYS", "EXAMPLE_COLUMNS", "RETENTION_COLUMNS", "clean", "write_examples_html",
-           "plot_curves", "plot_hidden_cos", "write_eval_artifacts"]
-
-#: Metrics drawn in ``curves.png`` (accuracy-like, left panel) and lengths (right panel).
-CURVE_KEYS = ("acc_no_ctx", "acc_ctx", "harm", "both_correct", "retention")
-LENGTH_KEYS = ("len_no_ctx", "len_ctx")
+__all__ = ["EXAMPLE_COLUMNS", "RETENTION_COLUMNS", "clean", "write_examples_html", "write_examples", "curves_figure",
+           "plot_curves", "plot_hidden_cos", "plot_method_curves"]
 
 
 def clean(value: Any) -> Any:
@@ -123,43 +119,56 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def plot_curves(path: str | Path, history: Sequence[dict], references: Optional[dict] = None,
-                title: str = "context removability") -> Path:
-    """``history`` = ``[{"step": s, "metrics": {...}}, ...]`` -> accuracy/harm and length curves (PNG)."""
+def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float], list[float]]:
+    """``key``'s values and interval ends over ``history`` (NaN where missing)."""
+    def get(h, k):
+        v = h["metrics"].get(k)
+        return math.nan if v is None else float(v)
+    return ([get(h, key) for h in history], [get(h, f"{key}_lo") for h in history],
+            [get(h, f"{key}_hi") for h in history])
+
+
+def curves_figure(history: Sequence[dict], registry, references: Optional[dict] = None,
+                  title: str = "context removability"):
+    """The ``registry``'s curve metrics over ``history`` (``[{"step": s, "metrics": {...}}, ...]``): fractions on
+    the left, lengths on the right, each with its 95% interval over items as a band; ``references`` (name ->
+    value) as horizontal lines on the left. A metric without any finite value is left out."""
     fig = _new_figure(11, 4)
     ax_acc, ax_len = fig.subplots(1, 2)
     steps = [h["step"] for h in history]
-    for key in CURVE_KEYS:
-        ys = [h["metrics"].get(key, math.nan) for h in history]
-        if all(y is None or (isinstance(y, float) and math.isnan(y)) for y in ys):
-            continue
-        ax_acc.plot(steps, [math.nan if y is None else y for y in ys], marker="o", label=key)
-    refs = references or {}
-    for key, style in (("teacher_acc_ctx", ":"), ("initial_acc_no_ctx", "--")):
-        v = refs.get(key)
-        if v is not None and not math.isnan(v):
+    for ax, panel in ((ax_acc, "fraction"), (ax_len, "length")):
+        for key in registry.curve_names(panel):
+            ys, lo, hi = _series(history, key)
+            if not any(math.isfinite(y) for y in ys):
+                continue
+            (line,) = ax.plot(steps, ys, marker="o", label=key)
+            if any(math.isfinite(v) for v in lo + hi):
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    for (key, v), style in zip((references or {}).items(), (":", "--", "-.")):
+        if v is not None and math.isfinite(v):
             ax_acc.axhline(v, linestyle=style, color="gray", linewidth=1, label=f"ref {key}")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_acc, ax_len):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("fraction")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    ax_acc.set_ylabel("fraction (band: 95% interval over items)")
     ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.set_title("accuracy, harm, retention")
-    ax_acc.legend(fontsize=7, loc="best")
-    ax_acc.grid(alpha=0.3)
-    for key in LENGTH_KEYS:
-        ys = [h["metrics"].get(key, math.nan) for h in history]
-        ax_len.plot(steps, [math.nan if y is None else y for y in ys], marker="o", label=key)
-    ax_len.set_xlabel("step")
-    ax_len.set_ylabel("response tokens (incl. EOS)")
-    ax_len.set_title("response length")
-    ax_len.legend(fontsize=7, loc="best")
-    ax_len.grid(alpha=0.3)
+    ax_len.set_ylabel("tokens (incl. EOS)")
+    ax_len.set_title("length")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def plot_curves(path: str | Path, history: Sequence[dict], registry, references: Optional[dict] = None,
+                title: str = "context removability") -> Path:
+    """:func:`curves_figure` saved as a PNG."""
+    curves_figure(history, registry, references, title).savefig(path)
     return Path(path)
 
 
@@ -196,37 +205,23 @@ def plot_hidden_cos(path: str | Path, history: Sequence[dict],
     return Path(path)
 
 
-def write_eval_artifacts(folder: str | Path, *, stage: str, prefix: str, step: int, split: str,
-                         metrics: dict[str, float], references: dict[str, float], rows: Sequence[dict],
-                         retention_rows: Sequence[dict], history: Sequence[dict]) -> list[tuple[Path, str]]:
-    """Write one evaluation's files into ``folder``; returns ``(file, artifact path)`` pairs.
-
-    ``{base}/[validate_]step_NNNNNN/examples.json`` and ``examples.html`` always; ``{base}/curves.png``
-    during fit (``history`` = this prefix's evaluations so far); ``{base}/hidden_cos.png`` when the
-    metrics have per-layer similarities. ``base`` is the prefix without its slash (``eval``).
-    """
+def write_examples(folder: str | Path, *, title: str, stage: str, step: int, split: str, metrics: dict[str, float],
+                   references: dict[str, float], rows: Sequence[dict], retention_rows: Sequence[dict]) -> list[Path]:
+    """One evaluation's per-example table as ``examples.json`` and ``examples.html`` in ``folder``."""
     folder = Path(folder)
-    base = prefix.rstrip("/") or "eval"
-    step_dir = f"{base}/{'validate_' if stage == 'validate' else ''}step_{step:06d}"
-    payload = clean({"title": f"{base} step {step} ({split} split, {stage})", "step": step, "split": split,
-                     "stage": stage, "metrics": metrics, "references": references,
+    payload = clean({"title": title, "step": step, "split": split, "stage": stage, "metrics": metrics,
+                     "references": references,
                      "examples": [{k: v for k, v in r.items() if k != "index"} for r in rows],
                      "retention_examples": [{k: v for k, v in r.items() if k != "index"} for r in retention_rows]})
     (folder / "examples.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False), encoding="utf-8")
     write_examples_html(folder / "examples.html", payload)
-    files = [(folder / "examples.json", step_dir), (folder / "examples.html", step_dir)]
-    if stage == "fit" and history:
-        files.append((plot_curves(folder / "curves.png", history, references,
-                                  title=f"context removability ({split})"), base))
-    if any(k.startswith("hidden_cos/layer_") for k in metrics):
-        layer_hist = history if stage == "fit" and history else [{"step": step, "metrics": metrics}]
-        files.append((plot_hidden_cos(folder / "hidden_cos.png", layer_hist), base))
-    return files
+    return [folder / "examples.json", folder / "examples.html"]
 
 
-def plot_method_curves(path: str | Path, curves: dict[str, dict[str, list[tuple[int, float]]]],
+def plot_method_curves(path: str | Path, curves: dict[str, dict[str, list[tuple]]],
                        metrics: Sequence[str] = ("harm", "retention"), title: str = "") -> Path:
-    """Several methods on one figure, one panel per metric: ``curves[method][metric] = [(step, value), ...]``.
+    """Several methods on one figure, one panel per metric: ``curves[method][metric] = [(step, value), ...]`` or
+    ``[(step, value, lo, hi), ...]`` (the 95% interval over items, drawn as a band).
 
     Shows the trade-off at a glance: which method removes the harm, and what each costs in retention.
     """
@@ -235,8 +230,13 @@ def plot_method_curves(path: str | Path, curves: dict[str, dict[str, list[tuple[
     for ax, metric in zip(axes, metrics):
         for method, series in curves.items():
             points = sorted(series.get(metric, []))
-            if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=method)
+            if not points:
+                continue
+            steps = [p[0] for p in points]
+            (line,) = ax.plot(steps, [p[1] for p in points], marker="o", label=method)
+            if all(len(p) == 4 for p in points):
+                ax.fill_between(steps, [p[2] for p in points], [p[3] for p in points], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.set_ylim(-0.02, 1.02)

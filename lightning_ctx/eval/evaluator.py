@@ -1,17 +1,21 @@
 """The context-removability evaluation without a Trainer (docs/design.md, "Metrics").
 
 ``Evaluator`` decodes greedily (and optionally ``num_samples`` samples) from a causal LM on a list of
-records twice -- without and with each record's context --, verifies the answers and computes
-:class:`~lightning_ctx.eval.metrics.RemovabilityMetrics`:
+records twice -- without and with each record's context --, verifies the answers, keeps one row per item
+(the per-example table) and computes the metrics of :data:`~lightning_ctx.eval.registry.REMOVABILITY` from
+those rows, each with its bootstrap interval over items (``{name}_lo``, ``{name}_hi``, ``n_items``):
 
 * ``acc_no_ctx``, ``acc_ctx``, ``harm``, ``help``, ``both_correct``, lengths (response tokens,
   EOS included), ``len_inflation``, truncation (no EOS within ``max_new_tokens``);
-* ``ctx_kl`` = mean per-token KL(no-ctx || with-ctx), teacher-forced on the greedy no-context response;
-* ``hidden_cos/layer_k`` = cosine similarity of hidden states with vs without the context at the
-  response positions of that same teacher-forced pass (``k`` indexes HF's ``hidden_states`` tuple:
-  0 = embedding output, ``k`` = output of block ``k``; by default every block ``1..L``);
+* with ``num_samples`` k: the same from the k samples per item and condition as ``sampled/*`` (sample j without
+  paired with sample j with the context), and for k >= 2 ``sampled/harm_rate``, ``sampled/harm_floor`` (what a
+  context with no effect would give), ``sampled/harm_excess`` and the same for ``help``;
 * ``retention`` / ``other_ctx_acc`` on *retention records* (items posed with other contexts c'): the
-  accuracy on them over the initial model's, item by item (or over a scalar ``reference_accuracy``).
+  accuracy on them over the initial model's, item by item (or over a scalar ``reference_accuracy``);
+* ``ctx_kl`` = mean per-token KL(no-ctx || with-ctx), teacher-forced on the greedy no-context response,
+  and ``hidden_cos/layer_k`` = cosine similarity of hidden states with vs without the context at the
+  response positions of that same pass (``k`` indexes HF's ``hidden_states`` tuple: 0 = embedding output,
+  ``k`` = output of block ``k``; by default every block ``1..L``): token-level, no interval.
 
 ``Evaluator.references`` measures the reference points once: the teacher's greedy accuracy with the
 context and the initial model's without it and on the retention items.
@@ -21,14 +25,14 @@ Usable anywhere, e.g. in a notebook::
     ev = Evaluator(tokenizer, verifier="exact", settings=EvalSettings(max_new_tokens=16))
     ev.evaluate(model, records).metrics
 
-Under DDP pass ``Sharding(rank, world_size)``: each rank decodes every ``world_size``-th item, the
-torchmetrics states sync on ``compute()`` and ``Sharding.gather`` collects per-rank objects.
+Under DDP pass ``Sharding(rank, world_size)``: each rank decodes every ``world_size``-th item, the rows and
+the token-level states are gathered from every rank, and every rank computes the same metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -37,12 +41,17 @@ import torch
 
 from lightning_ctx.data.render import PromptRenderer
 from lightning_ctx.eval.decoding import Answers, ResponseDecoder, as_record
-from lightning_ctx.eval.metrics import REMOVABILITY_KEYS, ContextRemovability, RemovabilityMetrics, Retention
+from lightning_ctx.eval.hidden_cos import HiddenCosine
+from lightning_ctx.eval.intervals import DEFAULT_RESAMPLES
+from lightning_ctx.eval.item_metrics import removability_items, retention_items, values
+from lightning_ctx.eval.metrics import MeanTokenKL
+from lightning_ctx.eval.registry import REMOVABILITY, ItemRows
 from lightning_ctx.models.scoring import ScoringInputs, eval_mode, join_prompt_and_response, response_logits
 from lightning_ctx.objectives import per_token_divergence
 from lightning_ctx.rollout import SamplingSettings
 
-__all__ = ["EvalSettings", "EvalResult", "References", "Sharding", "Evaluator", "gather_objects", "resolve_layers"]
+__all__ = ["EvalSettings", "EvalResult", "References", "Sharding", "Evaluator", "ContextMechanics", "gather_objects",
+           "resolve_layers", "seeded_rng"]
 
 
 @dataclass
@@ -57,6 +66,7 @@ class EvalSettings:
     top_k: int = 0  # 0 = no top-k filter
     seed: int = 0  # sampling seed; the caller's RNG state is left untouched
     hidden_layers: Optional[list[int]] = None  # indices into hidden_states; None = every block
+    n_resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples of the intervals over items (0 = no intervals)
 
     def sampling(self, greedy: bool) -> SamplingSettings:
         if greedy:
@@ -67,7 +77,7 @@ class EvalSettings:
 
 @dataclass
 class EvalResult:
-    """One evaluation: unprefixed metrics (synced over ranks) and this rank's per-example rows."""
+    """One evaluation: unprefixed metrics with their intervals and every rank's per-example rows (by index)."""
 
     step: int
     split: str
@@ -113,18 +123,55 @@ class Sharding:
     def gather(obj: Any) -> list[Any]:
         return gather_objects(obj)
 
+    def gather_rows(self, rows: list[dict]) -> list[dict]:
+        """Every rank's rows, in item order (``index``)."""
+        return sorted((r for part in self.gather(rows) for r in part), key=lambda r: r["index"])
 
-def update_context_mechanics(model, in0: ScoringInputs, in1: ScoringInputs, mask: torch.Tensor, layers: Sequence[int],
-                             vocab_size: int, ctx_kl, hidden) -> None:
-    """The mechanistic metrics of one batch: the same response tokens scored teacher-forced without (``in0``) and with
-    (``in1``) the context; ``ctx_kl`` gets the per-token KL(no-ctx || ctx) and ``hidden`` the hidden states of
-    ``layers`` at the response positions (``mask``: the scored tokens)."""
-    logits0, hid0 = response_logits(model, in0, vocab_size, output_hidden_states=True)
-    logits1, hid1 = response_logits(model, in1, vocab_size, output_hidden_states=True)
-    ctx_kl.update(per_token_divergence(logits0.float(), logits1.float(), mask, kind="reverse_kl"), mask)
-    R = in0.response_len
-    hidden.update([hid0[k][:, in0.prefix_len:in0.prefix_len + R] for k in layers],
-                  [hid1[k][:, in1.prefix_len:in1.prefix_len + R] for k in layers], mask)
+
+@dataclass
+class ContextMechanics:
+    """``ctx_kl`` and ``hidden_cos`` of the turns or responses scored without and with the context: the states of
+    the two torchmetrics, merged across ranks after a gather (``merge``), computed once (``compute``)."""
+
+    layers: list[int] = field(default_factory=list)  # indices into hidden_states
+    ctx_kl: MeanTokenKL = field(default_factory=lambda: MeanTokenKL(sync_on_compute=False))
+    hidden: HiddenCosine = field(default_factory=lambda: HiddenCosine(sync_on_compute=False))
+
+    def update(self, model, in0: ScoringInputs, in1: ScoringInputs, mask: torch.Tensor, vocab_size: int) -> None:
+        """The same response tokens scored teacher-forced without (``in0``) and with (``in1``) the context;
+        ``mask``: the scored tokens."""
+        logits0, hid0 = response_logits(model, in0, vocab_size, output_hidden_states=True)
+        logits1, hid1 = response_logits(model, in1, vocab_size, output_hidden_states=True)
+        self.ctx_kl.update(per_token_divergence(logits0.float(), logits1.float(), mask, kind="reverse_kl"), mask)
+        R = in0.response_len
+        self.hidden.update([hid0[k][:, in0.prefix_len:in0.prefix_len + R] for k in self.layers],
+                           [hid1[k][:, in1.prefix_len:in1.prefix_len + R] for k in self.layers], mask)
+
+    def to(self, device) -> ContextMechanics:
+        self.ctx_kl, self.hidden = self.ctx_kl.to(device), self.hidden.to(device)
+        return self
+
+    def merge(self, other: ContextMechanics) -> None:
+        self.ctx_kl.merge_state(other.ctx_kl.cpu().to(self.ctx_kl.device))
+        self.hidden.merge_state(other.hidden.cpu().to(self.hidden.device))
+
+    @classmethod
+    def gathered(cls, mine: ContextMechanics, sharding: Sharding) -> ContextMechanics:
+        """Every rank's states merged (on every rank)."""
+        parts = sharding.gather(mine.to("cpu"))
+        out = parts[0]
+        for p in parts[1:]:
+            out.merge(p)
+        return out
+
+    def compute(self) -> dict[str, float]:
+        """``ctx_kl``, ``hidden_cos/layer_k`` (named by their ``hidden_states`` index) and ``hidden_cos/mean``; empty
+        when nothing was scored."""
+        if not int(self.ctx_kl.n_updates):
+            return {}
+        out = {"ctx_kl": float(self.ctx_kl.compute())}
+        out.update({k: float(v) for k, v in name_hidden_layers(self.hidden.compute(), self.layers).items()})
+        return out
 
 
 def name_hidden_layers(values: dict, layers: Sequence[int]) -> dict:
@@ -173,12 +220,6 @@ def seeded_rng(device: torch.device, seed: int):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _quiet_compute(metric):
-    with warnings.catch_warnings():  # a metric never updated on this rank computes to NaN: expected
-        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
-        return metric.compute()
 
 
 class Evaluator(ResponseDecoder):
@@ -237,14 +278,15 @@ class Evaluator(ResponseDecoder):
             return contextlib.nullcontext(None)
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log keeps every redraw); the summary line stays
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
     # -- the evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, records: Sequence, retention_records: Optional[Sequence] = None, *,
                  references: Optional[References] = None, reference_accuracy: Optional[float] = None,
                  step: int = 0, split: str = "val", desc: Optional[str] = None) -> EvalResult:
-        """Every metric of ``model`` on ``records`` (this rank's shard; metrics synced over ranks).
+        """Every metric of ``model`` on ``records`` (each rank decodes its shard; rows gathered from every rank).
 
         ``references`` (from :meth:`references`) add the per-item reference flags to the rows and make
         ``retention`` per item; without them ``reference_accuracy`` is the scalar retention reference.
@@ -253,11 +295,10 @@ class Evaluator(ResponseDecoder):
         retention_records = [as_record(r) for r in retention_records or []]
         layers = self.resolve_layers(model)
         device = self.device or _device_of(model)
-        metrics = RemovabilityMetrics(num_layers=len(layers), reference_accuracy=reference_accuracy).to(device)
-        sampled = ContextRemovability().to(device) if self.settings.num_samples else None
+        mechanics = ContextMechanics(layers).to(device)
         items = (references or References()).items
         ref_ret = items.get("retention")
-        # per-item retention reference only when every item has one (Retention refuses a mix)
+        # per-item retention reference only when every item has one
         if ref_ret is not None and not all(i in ref_ret for i in range(len(retention_records))):
             ref_ret = None
         main = self._batches(self.sharding.shard(records))
@@ -268,29 +309,27 @@ class Evaluator(ResponseDecoder):
                 self.forward_context():
             for n, chunk in enumerate(main):
                 seed_offset = step + n * self.settings.batch_size
-                rows += self._main_batch(model, chunk, layers, metrics, sampled, items, device, seed_offset)
+                rows += self._main_batch(model, chunk, mechanics, items, device, seed_offset)
                 if bar is not None:
                     bar.update(1)
             for chunk in other:
-                ret_rows += self._retention_batch(model, chunk, metrics, ref_ret, device)
+                ret_rows += self._retention_batch(model, chunk, ref_ret, device)
                 if bar is not None:
                     bar.update(1)
-        out = name_hidden_layers(metrics.compute(), layers)
-        if sampled is not None:
-            sv = _quiet_compute(sampled)
-            out.update({f"sampled/{k}": float(sv[k]) for k in REMOVABILITY_KEYS})
+        rows, ret_rows = self.sharding.gather_rows(rows), self.sharding.gather_rows(ret_rows)
+        out = REMOVABILITY.measure(ItemRows(rows, ret_rows, {"reference_accuracy": reference_accuracy}),
+                                   seed=self.settings.seed, n_resamples=self.settings.n_resamples)
+        out.update(ContextMechanics.gathered(mechanics, self.sharding).compute())
         return EvalResult(step=step, split=split, metrics=out, examples=rows, retention_examples=ret_rows)
 
-    def _main_batch(self, model, chunk, layers, metrics, sampled, items, device, seed_offset) -> list[dict]:
+    def _main_batch(self, model, chunk, mechanics, items, device, seed_offset) -> list[dict]:
         recs = [r for _, r in chunk]
         greedy = self.settings.sampling(greedy=True)
         a0 = self.answer(model, recs, False, greedy, device)
         a1 = self.answer(model, recs, True, greedy, device)
         r0, r1 = a0.rollout, a1.rollout
-        metrics.removability.update(torch.tensor(a0.correct), torch.tensor(a1.correct), r0.lengths, r1.lengths,
-                                    ~r0.finished, ~r1.finished)
-        self._teacher_forced(model, a0, a1, layers, metrics)
-        sampled_acc = self._sampled_pass(model, recs, a0, a1, sampled, seed_offset) if sampled is not None else None
+        self._teacher_forced(model, a0, a1, mechanics)
+        samples = self._sampled_pass(model, recs, a0, a1, seed_offset) if self.settings.num_samples else None
         ref_no, ref_ctx = items.get("initial_no_ctx", {}), items.get("teacher_ctx", {})
         rows = []
         for j, (i, rec) in enumerate(chunk):
@@ -303,21 +342,21 @@ class Evaluator(ResponseDecoder):
                 row["initial_correct_no_ctx"] = ref_no[i]
             if i in ref_ctx:
                 row["teacher_correct_ctx"] = ref_ctx[i]
-            if sampled_acc is not None:
-                row["sampled_acc_no_ctx"], row["sampled_acc_ctx"] = sampled_acc[0][j], sampled_acc[1][j]
+            if samples is not None:
+                row.update(samples[j])
             rows.append(row)
         return rows
 
-    def _teacher_forced(self, model, a0: Answers, a1: Answers, layers, metrics) -> None:
+    def _teacher_forced(self, model, a0: Answers, a1: Answers, mechanics: ContextMechanics) -> None:
         """``ctx_kl`` and ``hidden_cos``: the greedy no-context response scored without and with the context."""
         r0 = a0.rollout
         in0 = join_prompt_and_response(a0.prompt_ids, a0.prompt_mask, r0.response_ids, r0.response_mask)
         in1 = join_prompt_and_response(a1.prompt_ids, a1.prompt_mask, r0.response_ids, r0.response_mask)
-        vocab = self.vocab_size or _output_vocab_size(model)
-        update_context_mechanics(model, in0, in1, r0.response_mask, layers, vocab, metrics.ctx_kl, metrics.hidden)
+        mechanics.update(model, in0, in1, r0.response_mask, self.vocab_size or _output_vocab_size(model))
 
-    def _sampled_pass(self, model, recs, a0: Answers, a1: Answers, metric, seed_offset):
-        """``num_samples`` samples per item without / with the context; pairs (sample j, sample j) feed ``metric``."""
+    def _sampled_pass(self, model, recs, a0: Answers, a1: Answers, seed_offset) -> list[dict]:
+        """``num_samples`` samples per item without / with the context: per item the k answers' flags, lengths and
+        truncation in sample order (sample j without is paired with sample j with), and the two accuracies."""
         k = self.settings.num_samples
         settings = self.settings.sampling(greedy=False)
         with seeded_rng(a0.prompt_ids.device, self.settings.seed + seed_offset):
@@ -326,16 +365,21 @@ class Evaluator(ResponseDecoder):
             rb = self.decode(model, a1.prompt_ids.repeat_interleave(k, 0), a1.prompt_mask.repeat_interleave(k, 0),
                              settings)
         answers = [r.answer for r in recs for _ in range(k)]
-        ca = [bool(self.verifier(t, a)) for t, a in zip(self.texts(ra), answers)]
-        cb = [bool(self.verifier(t, a)) for t, a in zip(self.texts(rb), answers)]
-        metric.update(torch.tensor(ca), torch.tensor(cb), ra.lengths, rb.lengths, ~ra.finished, ~rb.finished)
-        return tuple([sum(c[i * k:(i + 1) * k]) / k for i in range(len(recs))] for c in (ca, cb))
+        out = [{} for _ in recs]
+        for tag, rollout in (("no_ctx", ra), ("ctx", rb)):
+            right = [bool(self.verifier(t, a)) for t, a in zip(self.texts(rollout), answers)]
+            lengths, truncated = rollout.lengths.tolist(), (~rollout.finished).tolist()
+            for i, row in enumerate(out):
+                part = slice(i * k, (i + 1) * k)
+                row[f"sampled_acc_{tag}"] = sum(right[part]) / k
+                row[f"sampled_correct_{tag}"] = right[part]
+                row[f"sampled_len_{tag}"] = [int(x) for x in lengths[part]]
+                row[f"sampled_truncated_{tag}"] = [bool(x) for x in truncated[part]]
+        return out
 
-    def _retention_batch(self, model, chunk, metrics, ref_ret, device) -> list[dict]:
+    def _retention_batch(self, model, chunk, ref_ret, device) -> list[dict]:
         recs = [r for _, r in chunk]
         a = self.answer(model, recs, True, self.settings.sampling(greedy=True), device)
-        ref = torch.tensor([ref_ret[i] for i, _ in chunk]) if ref_ret is not None else None
-        metrics.retention.update(torch.tensor(a.correct), ref)
         rows = []
         for j, (i, rec) in enumerate(chunk):
             row = {"index": i, "id": rec.id, "context": rec.context, "prompt": rec.prompt, "answer": rec.answer,
@@ -355,37 +399,40 @@ class Evaluator(ResponseDecoder):
         retention_records = [as_record(r) for r in retention_records or []]
         greedy = self.settings.sampling(greedy=True)
         device = self.device or _device_of(initial_model if initial_model is not None else teacher)
-        rem, ret = ContextRemovability().to(device), Retention().to(device)
-        items: dict[str, dict[int, bool]] = {"teacher_ctx": {}, "initial_no_ctx": {}, "retention": {}}
+        rows: list[dict] = []  # per item: the teacher with c and the initial model without c
+        ret_rows: list[dict] = []
         with _eval_modes(teacher, initial_model), self.forward_context():
             for chunk in self._batches(self.sharding.shard(records)):
                 recs = [r for _, r in chunk]
                 at = self.answer(teacher, recs, True, greedy, device)
-                # without an initial model the no-context side is a placeholder, not reported
-                ai = self.answer(initial_model, recs, False, greedy, device) if initial_model is not None else at
-                rem.update(torch.tensor(ai.correct), torch.tensor(at.correct), ai.rollout.lengths, at.rollout.lengths)
+                ai = self.answer(initial_model, recs, False, greedy, device) if initial_model is not None else None
                 for j, (i, _) in enumerate(chunk):
-                    items["teacher_ctx"][i] = at.correct[j]
-                    if initial_model is not None:
-                        items["initial_no_ctx"][i] = ai.correct[j]
+                    row = {"index": i, "teacher_ctx": at.correct[j], "teacher_len": int(at.rollout.lengths[j])}
+                    if ai is not None:
+                        row.update(initial_no_ctx=ai.correct[j], initial_len=int(ai.rollout.lengths[j]))
+                    rows.append(row)
             if initial_model is not None and retention_records:
                 for chunk in self._batches(self.sharding.shard(retention_records)):
                     cr = self.answer(initial_model, [r for _, r in chunk], True, greedy, device).correct
-                    ret.update(torch.tensor(cr))
-                    items["retention"].update((i, cr[j]) for j, (i, _) in enumerate(chunk))
-        rv, tv = _quiet_compute(rem), _quiet_compute(ret)
-        refs = {"teacher_acc_ctx": float(rv["acc_ctx"]), "teacher_len_ctx": float(rv["len_ctx"])}
-        if initial_model is not None:
-            refs["initial_acc_no_ctx"] = float(rv["acc_no_ctx"])
-            refs["initial_len_no_ctx"] = float(rv["len_no_ctx"])
-            if retention_records:
-                refs["initial_other_ctx_acc"] = float(tv["other_ctx_acc"])
+                    ret_rows += [{"index": i, "retention": cr[j]} for j, (i, _) in enumerate(chunk)]
         # every rank keeps every item's flags (consistent checkpoint state under DDP)
-        merged: dict[str, dict[int, bool]] = {k: {} for k in items}
-        for part in self.sharding.gather(items):
-            for k, v in part.items():
-                merged[k].update(v)
-        return References(refs, {k: v for k, v in merged.items() if v})
+        rows, ret_rows = self.sharding.gather_rows(rows), self.sharding.gather_rows(ret_rows)
+        col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+        refs = {}
+        if rows:  # the one definition of accuracy and length (the no-context side is the teacher's without a model)
+            side0 = ("initial_no_ctx", "initial_len") if initial_model is not None else ("teacher_ctx", "teacher_len")
+            v = values(removability_items(col(rows, side0[0]), col(rows, "teacher_ctx"), col(rows, side0[1]),
+                                          col(rows, "teacher_len")))
+            refs = {"teacher_acc_ctx": v["acc_ctx"], "teacher_len_ctx": v["len_ctx"]}
+            if initial_model is not None:
+                refs.update(initial_acc_no_ctx=v["acc_no_ctx"], initial_len_no_ctx=v["len_no_ctx"])
+        else:
+            refs = {"teacher_acc_ctx": math.nan, "teacher_len_ctx": math.nan}
+        if ret_rows:
+            refs["initial_other_ctx_acc"] = values(retention_items(col(ret_rows, "retention")))["other_ctx_acc"]
+        items = {kind: {r["index"]: r[kind] for r in rs if kind in r}
+                 for kind, rs in (("teacher_ctx", rows), ("initial_no_ctx", rows), ("retention", ret_rows))}
+        return References(refs, {k: v for k, v in items.items() if v})
 
 
 def _output_vocab_size(model) -> int:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_ctx.eval.hidden_cos import HiddenCosine
+from lightning_ctx.eval.item_metrics import removability_items
 from lightning_ctx.eval.metric_base import OUT_DTYPE, SumMetric, check_numel, flag, numeric, ratio
 
 __all__ = [
@@ -39,19 +40,9 @@ __all__ = [
     "REMOVABILITY_KEYS",
 ]
 
-#: Keys of ``ContextRemovability.compute()``, in logging order.
-REMOVABILITY_KEYS = (
-    "acc_no_ctx",
-    "acc_ctx",
-    "harm",
-    "help",
-    "both_correct",
-    "len_no_ctx",
-    "len_ctx",
-    "len_inflation",
-    "trunc_no_ctx",
-    "trunc_ctx",
-)
+#: Offsets of the one definition's ratios (``len_inflation``: -1), and its keys: ``ContextRemovability``'s, in order.
+_OFFSETS = {k: m.offset for k, m in removability_items(*([],) * 6).items()}
+REMOVABILITY_KEYS = tuple(_OFFSETS)
 
 
 class ContextRemovability(SumMetric):
@@ -64,7 +55,10 @@ class ContextRemovability(SumMetric):
     counted or not, as the caller decides: the same convention on both sides).
     ``truncated_*`` marks responses cut at ``max_new_tokens`` (no EOS produced).
 
-    ``compute()`` returns a dict of 0-dim float32 tensors:
+    The definitions are those of :func:`~lightning_ctx.eval.item_metrics.removability_items` (the evaluator's,
+    with intervals): each state is the sum of one of its per-item numerators or denominators, so this metric
+    streams and syncs across ranks what the per-item tables give at once. ``compute()`` returns a dict of
+    0-dim float32 tensors:
 
     ==================  =================================================================
     ``acc_no_ctx``      #right without c / N
@@ -94,19 +88,10 @@ class ContextRemovability(SumMetric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in (
-            "n_items",
-            "n_right_no_ctx",
-            "n_right_ctx",
-            "n_harm",  # right without c, wrong with c
-            "n_help",  # wrong without c, right with c
-            "n_both",
-            "n_trunc_no_ctx",
-            "n_trunc_ctx",
-        ):
-            self._count(name)
-        self._sum("sum_len_no_ctx")
-        self._sum("sum_len_ctx")
+        self._count("n_items")
+        for key in REMOVABILITY_KEYS:
+            self._sum(f"{key}_num")
+            self._sum(f"{key}_den")
 
     def update(
         self,
@@ -121,46 +106,25 @@ class ContextRemovability(SumMetric):
         r1 = flag(correct_ctx)
         l0 = numeric(len_no_ctx)
         l1 = numeric(len_ctx)
-        t0 = None if truncated_no_ctx is None else flag(truncated_no_ctx)
-        t1 = None if truncated_ctx is None else flag(truncated_ctx)
+        t0 = torch.zeros_like(r0) if truncated_no_ctx is None else flag(truncated_no_ctx)
+        t1 = torch.zeros_like(r0) if truncated_ctx is None else flag(truncated_ctx)
         check_numel(
             "correct_no_ctx", r0, correct_ctx=r1, len_no_ctx=l0, len_ctx=l1,
             truncated_no_ctx=t0, truncated_ctx=t1,
         )
+        items = removability_items(*(x.detach().cpu().double().numpy() for x in (r0, r1, l0, l1, t0, t1)))
         dev = self.n_items.device
-        r0, r1 = r0.to(dev), r1.to(dev)
         self.n_updates += 1
         self.n_items += r0.numel()
-        self.n_right_no_ctx += r0.sum()
-        self.n_right_ctx += r1.sum()
-        self.n_harm += (r0 & ~r1).sum()
-        self.n_help += (~r0 & r1).sum()
-        self.n_both += (r0 & r1).sum()
-        self.sum_len_no_ctx += l0.to(dev, torch.float64).sum()
-        self.sum_len_ctx += l1.to(dev, torch.float64).sum()
-        if t0 is not None:
-            self.n_trunc_no_ctx += t0.to(dev).sum()
-        if t1 is not None:
-            self.n_trunc_ctx += t1.to(dev).sum()
+        for key, m in items.items():
+            setattr(self, f"{key}_num", getattr(self, f"{key}_num") + torch.tensor(m.num.sum(), device=dev,
+                                                                                      dtype=torch.float64))
+            setattr(self, f"{key}_den", getattr(self, f"{key}_den") + torch.tensor(m.den.sum(), device=dev,
+                                                                                      dtype=torch.float64))
 
     def compute(self) -> dict[str, Tensor]:
         self._record_total_updates()
-        n = self.n_items
-        len_no = ratio(self.sum_len_no_ctx, n)
-        len_ctx = ratio(self.sum_len_ctx, n)
-        return {
-            "acc_no_ctx": ratio(self.n_right_no_ctx, n),
-            "acc_ctx": ratio(self.n_right_ctx, n),
-            "harm": ratio(self.n_harm, self.n_right_no_ctx),
-            "help": ratio(self.n_help, n - self.n_right_no_ctx),
-            "both_correct": ratio(self.n_both, n),
-            "len_no_ctx": len_no,
-            "len_ctx": len_ctx,
-            # ratio of sums == ratio of means (same N); NaN when len_no_ctx is 0 or undefined
-            "len_inflation": ratio(self.sum_len_ctx, self.sum_len_no_ctx) - 1.0,
-            "trunc_no_ctx": ratio(self.n_trunc_no_ctx, n),
-            "trunc_ctx": ratio(self.n_trunc_ctx, n),
-        }
+        return {k: ratio(getattr(self, f"{k}_num"), getattr(self, f"{k}_den")) + _OFFSETS[k] for k in REMOVABILITY_KEYS}
 
 
 class MeanTokenKL(SumMetric):

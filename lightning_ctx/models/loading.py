@@ -34,27 +34,94 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_model_path(name: str, local_files_only: bool = True) -> str:
+class MissingModel(ModelError):
+    """A model named by a knob that is not here (``hub_id``: a Hugging Face id that is not in the local cache)."""
+
+    def __init__(self, knob: str, name: str, hub_id: bool = False):
+        self.knob, self.name, self.hub_id = knob, name, hub_id
+        super().__init__(missing_models_message([self]))
+
+    @property
+    def reason(self) -> str:
+        if self.hub_id:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            return f"{self.name!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE})"
+        return f"{self.name} does not exist"
+
+
+def _flag(knob: str) -> str:
+    return knob if knob.startswith("-") else f"--{knob}"
+
+
+def missing_models_message(missing: list[MissingModel]) -> str:
+    """What is missing (every knob), then how to fix it: local folders for paths, the download command for hub ids."""
+    text = "; ".join(f"{m.knob}: {m.reason}" for m in missing) + "."
+    paths = [m for m in missing if not m.hub_id]
+    if paths:
+        them = "it" if len(paths) == 1 else "them"
+        text += (f" Point {them} at local model folder{'s' if len(paths) > 1 else ''} saved with save_pretrained: "
+                 + " ".join(f"{_flag(m.knob)} /path/to/folder" for m in paths) + ".")
+    hub = [m for m in missing if m.hub_id]
+    if hub:
+        folders = {m.knob: f"/models/{m.name.rsplit('/', 1)[-1]}" for m in hub}
+        text += (" lightning-ctx never downloads (model.local_files_only: true): on a machine with network run "
+                 + " and ".join(f"`hf download {m.name} --local-dir {folders[m.knob]}`" for m in hub)
+                 + ", bring the folder here and pass " + " ".join(f"{_flag(m.knob)} {folders[m.knob]}" for m in hub)
+                 + ".")
+    return text
+
+
+def resolve_model_path(name: str, local_files_only: bool = True, knob: str = "model.student") -> str:
     """Map ``builtin:world`` to the shipped folder; check that a local path exists.
 
     A name that is not a folder is passed on as an HF id, which with ``local_files_only`` must already
-    sit in the HF cache (never downloaded implicitly).
+    sit in the HF cache (never downloaded implicitly). A missing one raises :class:`MissingModel` naming ``knob``.
     """
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
         if key in BUILTIN_MODELS:
             return str(BUILTIN_MODELS[key])
-        raise ModelError(f"unknown built-in model {name!r}; available: "
+        raise ModelError(f"{knob}: unknown built-in model {name!r}; available: "
                          f"{', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
     path = Path(os.path.expanduser(name))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelError(f"{path}: not a model folder (no config.json)")
+            raise ModelError(f"{knob}: {path} is not a model folder (no config.json); give a folder written by "
+                             f"save_pretrained")
         return str(path)
     if looks_like_path or path.exists():
-        raise ModelError(f"{name}: model path does not exist")
+        raise MissingModel(knob, name)
+    if local_files_only and not _in_hf_cache(name):
+        raise MissingModel(knob, name, hub_id=True)
     return name
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return False
+
+
+def check_model_sources(sources: dict[str, Optional[str]], local_files_only: bool = True) -> None:
+    """Every named model (``{"model.student": ..., "model.teacher": ...}``; None = not used) is here: one error listing
+    all that are missing, so a student and a teacher are fixed together."""
+    missing: list[MissingModel] = []
+    for knob, name in sources.items():
+        if name is None:
+            continue
+        try:
+            resolve_model_path(name, local_files_only, knob)
+        except MissingModel as err:
+            missing.append(err)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise ModelError(missing_models_message(missing))
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -62,7 +129,8 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, local_files_only: bool = True):
+def load_tokenizer(name: str, trust_remote_code: bool = False, local_files_only: bool = True,
+                   knob: str = "model.student"):
     """Load a tokenizer; a folder with ``tokenizer.json`` is read as-is with ``PreTrainedTokenizerFast``.
 
     ``AutoTokenizer`` on a saved Qwen2 folder silently swaps a custom pre-tokenizer (transformers v5),
@@ -71,7 +139,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_files_only:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = resolve_model_path(name, local_files_only)
+    path = resolve_model_path(name, local_files_only, knob)
     try:
         if Path(path, "tokenizer.json").exists():
             tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)

@@ -10,6 +10,7 @@ from lightning_ctx.errors import ModelError
 from lightning_ctx.models.loading import (
     apply_lora,
     check_lora,
+    check_model_sources,
     check_quantized_teacher,
     freeze,
     load_causal_lm,
@@ -34,7 +35,9 @@ def check_model_choices(student: str, teacher: Optional[str] = None, lora: Optio
                         local_files_only: bool = True):
     """Everything about the student and teacher choices that can be checked without their weights: the paths, the
     tokenizers (a separate teacher must share the student's), LoRA and quantization settings. Returns the student's
-    tokenizer. Errors are :class:`ModelError` naming the knob."""
+    tokenizer. Errors are :class:`ModelError` naming the knob; a missing student and teacher are named together."""
+    separate_teacher = teacher if teacher not in (None, TEACHER_BASE) else None
+    check_model_sources({"model.student": student, "model.teacher": separate_teacher}, local_files_only)
     tokenizer = load_tokenizer(student, trust_remote_code, local_files_only)
     if uses_base_weights_teacher(teacher, lora, teacher_quantization):
         if lora is None:
@@ -46,7 +49,8 @@ def check_model_choices(student: str, teacher: Optional[str] = None, lora: Optio
     if lora is not None:
         check_lora(lora)
     if teacher not in (None, TEACHER_BASE):
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher, trust_remote_code, local_files_only), teacher)
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher, trust_remote_code, local_files_only, "model.teacher"),
+                             teacher)
     if teacher_quantization is not None:
         check_quantized_teacher(student if teacher is None else teacher, teacher_quantization, trust_remote_code,
                                 local_files_only)

@@ -6,15 +6,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCE_KINDS = ("reverse_kl", "forward_kl", "jsd")
-SCOPES = ("full", "topk")
-CONSISTENCY_DIRECTIONS = ("forward", "reverse", "symmetric")
+# Each choice declared once, as a type (annotations, the CLI and knob checks read it) whose values the checks use.
+DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd"]
+Scope = Literal["full", "topk"]
+ConsistencyDirection = Literal["forward", "reverse", "symmetric"]
+DIVERGENCE_KINDS: tuple[str, ...] = get_args(DivergenceKind)
+SCOPES: tuple[str, ...] = get_args(Scope)
+CONSISTENCY_DIRECTIONS: tuple[str, ...] = get_args(ConsistencyDirection)
 # Internal divergence kinds: the public ones plus the symmetric KL used by the consistency term.
 DIRECTION_TO_KIND = {"forward": "forward_kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
 

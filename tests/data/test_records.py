@@ -57,6 +57,11 @@ def test_verifiers():
     assert build_verifier("choice").parse_answer("Q") is None
     with pytest.raises(ValueError, match="unknown verifier"):
         build_verifier("fuzzy")
+    # any verifier by import path: a class is built with the kwargs, a function is used as it is
+    assert build_verifier("lightning_ctx.data.verifiers:ChoiceVerifier", letters="AB").letters == "AB"
+    assert build_verifier("lightning_ctx.data.verifiers:exact_match") is exact_match
+    with pytest.raises(ValueError, match="unknown verifier"):
+        build_verifier("lightning_ctx.data.verifiers:no_such_verifier")
 
 
 @pytest.mark.parametrize("text, letter", [

@@ -1,7 +1,9 @@
+import warnings
+
 import pytest
 import torch
 
-from lightning_ctx.data.datamodule import PairCollator
+from lightning_ctx.data.batches import PairCollator
 from lightning_ctx.data.records import DataError, TaskRecord
 from lightning_ctx.data.render import PromptRenderer, left_pad
 from lightning_ctx.models.loading import load_causal_lm, load_tokenizer
@@ -24,7 +26,11 @@ def test_renderer_chat_and_plain(tiny_dirs):
     plain = PromptRenderer(tok, "plain")
     assert plain.text("1 2 3", "ADD2") == "ADD2\n\n1 2 3\n" and plain.text("1 2 3") == "1 2 3\n"
     tok.chat_template = None
-    assert not PromptRenderer(tok).use_chat
+    with pytest.warns(UserWarning, match="has no chat template: prompts use the plain template"):
+        assert not PromptRenderer(tok).use_chat  # (#26.8) template: auto no longer switches silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not PromptRenderer(tok, "plain").use_chat  # asked for: no warning
     with pytest.raises(DataError, match="chat_template"):
         PromptRenderer(tok, "chat")
 

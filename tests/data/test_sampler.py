@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 from torch.utils.data import DistributedSampler
 
-from lightning_ctx.data.datamodule import ContextPairDataModule, ResumableSampler
+from lightning_ctx.data.datamodule import ResumableSampler, TaskDataModule
 from lightning_ctx.data.records import TaskRecord
+from lightning_ctx.data.task import Task
 
 
 def _batches(sampler, batch_size, epochs):
@@ -23,7 +24,7 @@ def _batches(sampler, batch_size, epochs):
 
 
 def _dm(n, batch_size, world, global_step, accumulate=1):
-    dm = ContextPairDataModule(batch_size=batch_size)
+    dm = TaskDataModule(Task(), batch_size=batch_size)
     dm.splits["train"] = [TaskRecord(str(i), "C", "p", "a") for i in range(n)]
     trainer = SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate, world_size=world,
                               global_rank=0)

@@ -87,13 +87,14 @@ class RecordingLogger(Logger):
 def _fit(tiny_dirs, jsonl_file, callback, max_steps):
     import lightning.pytorch as pl
 
-    from lightning_ctx.data.datamodule import ContextPairDataModule
+    from lightning_ctx.data.datamodule import TaskDataModule
+    from lightning_ctx.data.task import JSONLTask
     from lightning_ctx.module import OnPolicyDistillation
 
     model = OnPolicyDistillation(student=tiny_dirs["qwen2"], max_new_tokens=3)
-    dm = ContextPairDataModule(train_file=jsonl_file(make_records(4, "ADD2", seed=1), "train.jsonl"),
-                               val_file=jsonl_file(make_records(3, "ADD2", seed=2, prefix="v"), "val.jsonl"),
-                               batch_size=2)
+    dm = TaskDataModule(JSONLTask(train_file=jsonl_file(make_records(4, "ADD2", seed=1), "train.jsonl"),
+                                  val_file=jsonl_file(make_records(3, "ADD2", seed=2, prefix="v"), "val.jsonl")),
+                        batch_size=2)
     dm.connect(model.tokenizer)
     logger = RecordingLogger()
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
@@ -137,7 +138,7 @@ def test_fit_logs_metrics_and_artifacts_to_mlflow(tiny_dirs, jsonl_file, mlflow_
         "class_path": "lightning_ctx.eval.ContextRemovabilityCallback",
         "init_args": {"every_n_steps": 2, "retention_file": other, "progress": False}}]}}))
     main(["fit", "--config", str(cfg), "--model.student", tiny_dirs["qwen2"], "--model.max_new_tokens", "4",
-          "--data.train_file", train, "--data.val_file", val, "--data.batch_size", "2",
+          "--data.task.train_file", train, "--data.task.val_file", val, "--data.batch_size", "2",
           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"])
 

@@ -3,6 +3,7 @@ references, and the notebook entry point on a plain Hugging Face model."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,62 @@ def test_bad_hidden_layer_and_html_escaping(module, tmp_path):
                              "correct_ctx": False}]}
     text = write_examples_html(tmp_path / "e.html", payload).read_text()
     assert "&lt;b&gt;x&lt;/b&gt;" in text and "<b>x</b>" not in text and "class='harm'" in text
+
+
+def test_intervals_and_sampled_columns_come_from_the_rows(module, jsonl_file):
+    records, retention, script, _, _ = scripted_task()
+    dm = make_dm(module, jsonl_file, records)
+    ev = scripted_evaluator(module, dm, script, batch_size=4, num_samples=3)
+    refs = ev.references(module.teacher, dm.records("val"), retention, initial_model=module.teacher)
+    res = ev.evaluate(module.student, dm.records("val"), retention, references=refs)
+    m = res.metrics
+    assert m["n_items"] == 6 and m["n_retention_items"] == 4
+    # harm 2 of the 4 right without c: its interval over the six items stays inside [0, 1] and around the value
+    assert m["harm"] == 0.5 and 0 <= m["harm_lo"] < 0.5 < m["harm_hi"] <= 1
+    assert m["retention_lo"] <= m["retention"] <= m["retention_hi"]
+    row = res.examples[2]  # right without c, wrong with c: so are its three scripted samples
+    assert row["sampled_correct_no_ctx"] == [True] * 3 and row["sampled_correct_ctx"] == [False] * 3
+    assert row["sampled_acc_no_ctx"] == 1.0 and len(row["sampled_len_ctx"]) == 3
+    # a deterministic model has no sampling noise: the floor is 0 and the rate version is the paired harm
+    assert m["sampled/harm_floor"] == 0 and m["sampled/harm_rate"] == m["sampled/harm_excess"] == m["sampled/harm"]
+
+
+def test_no_effect_context_floor_corrected_sampled_harm_covers_zero(module, jsonl_file):
+    """A scripted model that answers item i right with probability p_i, with or without the context (the context has
+    no effect): the paired sampled harm is the noise floor, far from 0; harm_excess = harm_rate - harm_floor has 0
+    inside its interval, and the floor agrees with the rate."""
+    import re
+
+    from lightning_ctx.rollout import Rollout, response_mask_from_ids
+
+    records = make_records(60, "ADD2", seed=11)
+    for i, r in enumerate(records):
+        r["prompt"] = " ".join(f"{i:03d}")  # unique digits per item: the script looks items up by them
+    probs = {r["prompt"]: 0.2 + 0.6 * (i % 7) / 6 for i, r in enumerate(records)}  # p_i in 0.2 .. 0.8
+    dm = make_dm(module, jsonl_file, records)
+    ev = Evaluator.for_module(module, dm.renderer, dm.verifier,
+                              EvalSettings(max_new_tokens=MAX_NEW, batch_size=20, num_samples=8, seed=3))
+    tok, eos, pad = ev.tokenizer, ev.eos_token_ids[0], ev.pad_token_id
+    answers = {r["prompt"]: r["answer"] for r in records}
+
+    def decode(model, prompt_ids, prompt_mask, settings):
+        rows = []
+        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
+            digits = re.search(r"user (\d \d \d)", tok.decode([t for t, m in zip(ids, mask) if m])).group(1)
+            right = settings.greedy or bool(torch.rand(()) < probs[digits])  # the context plays no part
+            rows.append(tok(answers[digits] if right else WRONG, add_special_tokens=False).input_ids + [eos])
+        width = max(len(r) for r in rows)
+        resp = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask, lengths, finished = response_mask_from_ids(resp, [eos])
+        return Rollout(prompt_ids, prompt_mask, resp, mask, lengths, finished)
+
+    ev.decode = decode
+    m = ev.evaluate(module.student, dm.records("val")).metrics
+    assert m["sampled/harm_lo"] > 0.15  # the paired "harm" of a context with no effect: sampling noise
+    assert m["sampled/harm_excess_lo"] < 0 < m["sampled/harm_excess_hi"]
+    assert m["sampled/help_excess_lo"] < 0 < m["sampled/help_excess_hi"]
+    assert m["sampled/harm_floor_lo"] < m["sampled/harm_rate"] < m["sampled/harm_floor_hi"]
+    # the truth: sum p(1 - p) / sum p
+    p = np.array([probs[r["prompt"]] for r in records])
+    assert m["sampled/harm_floor_lo"] < float((p * (1 - p)).sum() / p.sum()) < m["sampled/harm_floor_hi"]
+    assert m["harm"] == 0 and m["n_items"] == 60  # greedy: always right

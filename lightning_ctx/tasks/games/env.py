@@ -64,7 +64,7 @@ def import_textarena():
         import textarena
     except ImportError:
         raise ConfigError("the text games need TextArena: pip install 'lightning-ctx[games]' (or make install)",
-                          field="data.env_id") from None
+                          field="data.task.env_id") from None
     return textarena
 
 
@@ -75,10 +75,10 @@ def check_env_id(env_id: str) -> None:
 
     if env_id not in ENV_REGISTRY:
         raise ConfigError(f"is {env_id!r}, not a TextArena environment (e.g. {', '.join(GAME_IDS)})",
-                          field="data.env_id")
+                          field="data.task.env_id")
     if not env_id.endswith("-raw"):
         raise ConfigError(f"is {env_id!r}: use the '-raw' variant ({env_id}-raw); the wrapped ones repeat the whole "
-                          "game in every observation", field="data.env_id")
+                          "game in every observation", field="data.task.env_id")
     del ta
 
 
@@ -100,10 +100,10 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def check_env_kwargs(env_id: str, env_kwargs: Optional[Mapping[str, Any]], field: str = "data.env_kwargs") -> None:
+def check_env_kwargs(env_id: str, env_kwargs: Optional[Mapping[str, Any]], field: str = "data.task.env_kwargs") -> None:
     """``env_kwargs`` against the environment's constructor: every key one of its arguments, every value of its
     default's kind (a YAML list where the default is a tuple), then one environment made and reset with them.
-    A failure is one ConfigError naming ``<field>.<key>`` (``data.env_kwargs.<key>``)."""
+    A failure is one ConfigError naming ``<field>.<key>`` (``data.task.env_kwargs.<key>``)."""
     if env_kwargs is None:
         return
     if not isinstance(env_kwargs, Mapping):

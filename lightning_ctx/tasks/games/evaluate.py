@@ -1,5 +1,9 @@
 """Episode-level evaluation on games: the same seeds played without and with the experience.
 
+Every metric but the references and the mechanistic ones is per game (:mod:`lightning_ctx.tasks.games.metrics`,
+one definition with the other tasks' harm and help) and comes with its 95% bootstrap interval over games
+(``{name}_lo``, ``{name}_hi``, ``n_items``).
+
 | metric | definition |
 | --- | --- |
 | ``pass_no_ctx``, ``pass_ctx`` | fraction of games won (reward == 1.0) without / with the experience |
@@ -34,17 +38,13 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_ctx.eval.evaluator import name_hidden_layers, update_context_mechanics
-from lightning_ctx.eval.hidden_cos import HiddenCosine
-from lightning_ctx.eval.metrics import MeanTokenKL
+from lightning_ctx.eval.evaluator import ContextMechanics
+from lightning_ctx.eval.intervals import DEFAULT_RESAMPLES
+from lightning_ctx.eval.item_metrics import values
 from lightning_ctx.models.scoring import eval_mode, join_prompt_and_response
 from lightning_ctx.rollout_episodes import Episode, EpisodeFormat, TurnSampler, play_episodes
 from lightning_ctx.tasks.games import oracle
-
-GAME_METRIC_KEYS = ("pass_no_ctx", "pass_ctx", "harm", "help", "both_pass", "reward_no_ctx", "reward_ctx",
-                    "turns_no_ctx", "turns_ctx", "invalid_rate_no_ctx", "invalid_rate_ctx", "len_no_ctx", "len_ctx",
-                    "len_inflation", "pass_oracle", "pass_random")
-REFERENCE_KEYS = ("pass_oracle", "pass_random")
+from lightning_ctx.tasks.games.metrics import REFERENCE_KEYS, game_items, measure_games
 
 
 def _ratio(num: float, den: float) -> float:
@@ -72,12 +72,10 @@ class GameSummary:
             s.tokens.append(int(e.student_tokens))
         return s
 
-    def rates(self, tag: str) -> dict[str, float]:
-        n = len(self.passed)
-        return {f"pass_{tag}": _ratio(sum(self.passed), n), f"reward_{tag}": _ratio(sum(self.rewards), n),
-                f"turns_{tag}": _ratio(sum(self.turns), n), f"invalid_rate_{tag}": _ratio(sum(self.invalid),
-                                                                                            sum(self.turns)),
-                f"len_{tag}": _ratio(sum(self.tokens), n)}
+    def columns(self, tag: str) -> dict[str, list]:
+        """The transcripts table's columns of this pass (``passed_{tag}``, ...), one entry per game."""
+        return {f"passed_{tag}": self.passed, f"reward_{tag}": self.rewards, f"turns_{tag}": self.turns,
+                f"invalid_moves_{tag}": self.invalid, f"tokens_{tag}": self.tokens}
 
 
 def reference_rates(factory, seeds: Sequence[int]) -> dict[str, float]:
@@ -92,19 +90,15 @@ def reference_rates(factory, seeds: Sequence[int]) -> dict[str, float]:
 
 def game_metrics(no_ctx: GameSummary, ctx: GameSummary,
                  references: Optional[dict[str, float]] = None) -> dict[str, float]:
-    """Every metric of the module docstring from the two passes over the same seeds (same order);
+    """Every metric of the module docstring from the two passes over the same seeds (same order), without intervals;
     ``references``: ``reference_rates`` on those seeds (NaN when not given)."""
     if len(no_ctx.passed) != len(ctx.passed):
         raise ValueError(f"the two passes played {len(no_ctx.passed)} and {len(ctx.passed)} games")
-    pairs = list(zip(no_ctx.passed, ctx.passed))
-    won0 = sum(a for a, _ in pairs)
-    out = {**no_ctx.rates("no_ctx"), **ctx.rates("ctx"), **dict.fromkeys(REFERENCE_KEYS, math.nan),
-           **(references or {})}
-    out["harm"] = _ratio(sum(a and not b for a, b in pairs), won0)
-    out["help"] = _ratio(sum(b and not a for a, b in pairs), len(pairs) - won0)
-    out["both_pass"] = _ratio(sum(a and b for a, b in pairs), len(pairs))
-    out["len_inflation"] = _ratio(out["len_ctx"], out["len_no_ctx"]) - 1
-    return {k: out[k] for k in GAME_METRIC_KEYS}
+    cols = {**no_ctx.columns("no_ctx"), **ctx.columns("ctx")}
+    rows = [dict(zip(cols, cells)) for cells in zip(*cols.values())]
+    out = values(game_items(rows))
+    out.update({k: float((references or {}).get(k, math.nan)) for k in REFERENCE_KEYS})
+    return out
 
 
 def _row(tag: str, e: Episode) -> dict[str, Any]:
@@ -118,9 +112,7 @@ def _row(tag: str, e: Episode) -> dict[str, Any]:
 @dataclass
 class GameEvalResult:
     metrics: dict[str, float]
-    transcripts: list[dict[str, Any]]
-    no_ctx: GameSummary
-    ctx: GameSummary
+    transcripts: list[dict[str, Any]]  # one row per seed, both passes
     episodes_no_ctx: list[Episode] = field(default_factory=list)
 
 
@@ -133,32 +125,12 @@ def play_in_batches(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Seq
     return episodes
 
 
-@dataclass
-class Mechanics:
-    """The states of ``ctx_kl`` and ``hidden_cos`` (torchmetrics; merged across ranks by the callback)."""
-
-    layers: list[int] = field(default_factory=list)  # indices into hidden_states
-    ctx_kl: MeanTokenKL = field(default_factory=lambda: MeanTokenKL(sync_on_compute=False))
-    hidden: HiddenCosine = field(default_factory=lambda: HiddenCosine(sync_on_compute=False))
-
-    def merge(self, other: Mechanics) -> None:
-        self.ctx_kl.merge_state(other.ctx_kl)
-        self.hidden.merge_state(other.hidden)
-
-    def compute(self) -> dict[str, float]:
-        if not int(self.ctx_kl.n_updates):  # no turn was played (every rank's states merged in)
-            return {}
-        out = {"ctx_kl": float(self.ctx_kl.compute())}
-        out.update({k: float(v) for k, v in name_hidden_layers(self.hidden.compute(), self.layers).items()})
-        return out
-
-
 @torch.no_grad()
 def context_mechanics(model, fmt: EpisodeFormat, episodes: Sequence[Episode], experience: str, pad_token_id: int,
-                      layers: Sequence[int], vocab_size: int, batch_size: int = 16) -> Mechanics:
+                      layers: Sequence[int], vocab_size: int, batch_size: int = 16) -> ContextMechanics:
     """``ctx_kl`` and ``hidden_cos`` on the turns played without the experience: each turn's tokens scored under the
     prefix it was sampled with and under the same prefix with the experience (the rows the loss uses)."""
-    out = Mechanics(list(layers))
+    out = ContextMechanics(list(layers))
     device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, len(episodes), batch_size):
@@ -171,21 +143,29 @@ def context_mechanics(model, fmt: EpisodeFormat, episodes: Sequence[Episode], ex
             in1 = join_prompt_and_response(batch.ctx_prompt_ids.to(device), batch.ctx_prompt_mask.to(device),
                                            rollout.response_ids, attention)
             if rollout.response_mask.any():
-                update_context_mechanics(model, in0, in1, rollout.response_mask, layers, vocab_size, out.ctx_kl,
-                                         out.hidden)
+                out.update(model, in0, in1, rollout.response_mask, vocab_size)
     return out
 
 
-def evaluate_games(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], experience: str,
-                   pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> GameEvalResult:
+def play_both(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], experience: str,
+              pad_token_id: int, device: Any = "cpu", batch_size: int = 16) -> tuple[list[dict], list[Episode]]:
     """Play ``seeds`` twice with ``sample`` (the student): without the experience, then with it (as the format puts
-    a context: in the turn prompt, or as the system message); the metrics of the module docstring (but the
-    mechanistic ones, see :func:`context_mechanics`) and one transcript row per seed."""
+    a context: in the turn prompt, or as the system message). Returns one transcript row per seed and the episodes
+    played without the experience."""
     plain = play_in_batches(sample, fmt, factory, seeds, None, pad_token_id, device, batch_size)
     with_ctx = play_in_batches(sample, fmt, factory, seeds, experience, pad_token_id, device, batch_size)
-    no_ctx, ctx = GameSummary.of(plain), GameSummary.of(with_ctx)
     rows = [{"seed": int(s), **_row("no_ctx", a), **_row("ctx", b)} for s, a, b in zip(seeds, plain, with_ctx)]
-    return GameEvalResult(game_metrics(no_ctx, ctx, reference_rates(factory, seeds)), rows, no_ctx, ctx, plain)
+    return rows, plain
+
+
+def evaluate_games(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], experience: str,
+                   pad_token_id: int, device: Any = "cpu", batch_size: int = 16, *, seed: int = 0,
+                   n_resamples: int = DEFAULT_RESAMPLES) -> GameEvalResult:
+    """:func:`play_both`, then the metrics of the module docstring with their intervals over games (bootstrap
+    ``seed``, ``n_resamples``; 0 = no intervals), but the mechanistic ones (see :func:`context_mechanics`)."""
+    rows, plain = play_both(sample, fmt, factory, seeds, experience, pad_token_id, device, batch_size)
+    metrics = measure_games(rows, reference_rates(factory, seeds), seed=seed, n_resamples=n_resamples)
+    return GameEvalResult(metrics, rows, plain)
 
 
 def pass_rate(sample: TurnSampler, fmt: EpisodeFormat, factory, seeds: Sequence[int], context: Optional[str],

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ctx.rollout_episodes import THINK_CLOSE, THINK_OPEN, Episode, EpisodeFormat, TurnSampler
-from lightning_ctx.tasks.games.datamodule import SPLIT_OFFSETS, env_kwargs_for
 from lightning_ctx.tasks.games.env import GameFactory, check_env_id, check_env_kwargs
 from lightning_ctx.tasks.games.evaluate import pass_rate
+from lightning_ctx.tasks.games.task import SPLIT_OFFSETS, env_kwargs_for
 
 MODES = ("accumulate", "revise")
 WRITERS = ("model", "template")
@@ -205,13 +205,15 @@ def _model_samplers(model, tokenizer, eos_ids, max_new_tokens: int, temperature:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lightning_ctx.console import PlainHelpFormatter
+
     p = argparse.ArgumentParser(prog="lightning-ctx extract", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=PlainHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint folder (or an id in the HF cache)")
     p.add_argument("--env-id", default="FrozenLake-v0-raw", help="a -raw TextArena game (FrozenLake, Sokoban)")
     p.add_argument("--env-kwargs", default=None,
                    help="the game's constructor arguments as JSON, e.g. '{\"size\": 3}' (default: OPCD's boards, "
-                        "as data.env_kwargs)")
+                        "as the games task's env_kwargs)")
     p.add_argument("--out", required=True, help="where to write the best experience text")
     p.add_argument("--experience", default=None, help="starting experience file (default: none)")
     p.add_argument("--mode", choices=MODES, default="accumulate",
@@ -226,21 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--games", type=int, default=1, help="training games played per update (OPCD: 1)")
     p.add_argument("--eval-every", type=int, default=4, help="score a candidate every N updates")
     p.add_argument("--val-games", type=int, default=32, help="held-out games scoring each candidate")
-    p.add_argument("--max-experience-tokens", type=int, default=2048)
-    p.add_argument("--max-turns", type=int, default=5)
+    p.add_argument("--max-experience-tokens", type=int, default=2048,
+                   help="the experience is kept to this many tokens (oldest lines dropped first)")
+    p.add_argument("--max-turns", type=int, default=5, help="moves per game")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per game turn")
     p.add_argument("--write-max-new-tokens", type=int, default=1024, help="tokens of one experience update")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling of every game (OPCD: 0.7 / 0.8 / 20)")
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--episode-format", choices=("per_turn", "single_sequence"), default="per_turn")
-    p.add_argument("--enable-thinking", choices=["true", "false"], default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling of every game")
+    p.add_argument("--top-k", type=int, default=20, help="top-k sampling of every game (0 = off)")
+    p.add_argument("--episode-format", choices=("per_turn", "single_sequence"), default="per_turn",
+                   help="per_turn: one prompt per move with the game so far (OPCD); single_sequence: one chat")
+    p.add_argument("--enable-thinking", choices=["true", "false"], default=None,
+                   help="the chat template's enable_thinking (Qwen3; default: the template's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="games played in parallel")
+    p.add_argument("--seed", type=int, default=0, help="seed of the games and the sampling")
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype (float32, bfloat16, float16)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--experiment", default="extract", help="MLflow experiment")
-    p.add_argument("--run-name", default=None)
+    p.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
     return p
 
 

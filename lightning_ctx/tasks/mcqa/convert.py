@@ -30,8 +30,8 @@ are kept as extra fields. Convert files with::
     python -m lightning_ctx.tasks.mcqa.convert raw.jsonl records.jsonl \
         --system-prompt-file experiments/data/medmcqa_system_prompt.txt
 
-or read raw files directly with :class:`MCQADataModule` (``data.class_path:
-lightning_ctx.tasks.mcqa.MCQADataModule``), which converts on the fly.
+or read raw files directly with :class:`~lightning_ctx.tasks.mcqa.MCQATask` (``data.task.class_path:
+lightning_ctx.tasks.mcqa.MCQATask``), which converts on the fly.
 """
 
 from __future__ import annotations
@@ -84,9 +84,7 @@ def _options_of(row: dict, where: dict) -> list[str]:
             raise DataError(f"must be a list or a dict of letters, got {type(opts).__name__}", field="options",
                             **where)
     else:
-        opts = [row[k] for k in MEDMCQA_OPTION_KEYS if k in row and row[k] is not None]
-        if not opts:
-            raise DataError("no options: a row needs 'options' or MedMCQA's 'opa'..'opd'", field="options", **where)
+        opts = _medmcqa_options(row, where)
     if not 2 <= len(opts) <= len(LETTERS):
         raise DataError(f"needs 2 to {len(LETTERS)} options, got {len(opts)}", field="options", **where)
     for i, opt in enumerate(opts):
@@ -95,16 +93,49 @@ def _options_of(row: dict, where: dict) -> list[str]:
     return [str(o) for o in opts]
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _medmcqa_options(row: dict, where: dict) -> list:
+    """``opa``, ``opb``, ... in order. Trailing missing or null options are fine (a row without ``ope``); a missing,
+    null or empty option *before* a given one is an error: the letters after it, and the gold letter ``cop`` points
+    to, would shift."""
+    values = [row.get(k) for k in MEDMCQA_OPTION_KEYS]
+    while values and _blank(values[-1]):
+        values.pop()
+    if not values:
+        raise DataError("no options: a row needs 'options' or MedMCQA's 'opa'..'opd'", field="options", **where)
+    for key, value in zip(MEDMCQA_OPTION_KEYS, values):
+        if _blank(value):
+            raise DataError(f"option {key} is {'missing' if key not in row else repr(value)} while a later option is "
+                            f"given: the later options' letters, and the gold letter cop points to, would shift; fill "
+                            "it in or drop the row", field=key, **where)
+    return values
+
+
+def _integer(value: Any) -> Optional[int]:
+    """An integer written as an int, an integral float (2.0) or digits ("2"); None for anything else (True, 1.9)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
 def _answer_index(row: dict, options: list[str], cop_base: int, where: dict) -> Optional[int]:
     """Index of the gold option; None when the row is unlabeled (MedMCQA test: cop = -1 or missing)."""
     if "cop" in row:
         cop = row["cop"]
         if cop is None or cop == -1 or cop == "":
             return None
-        try:
-            idx = int(cop) - cop_base
-        except (TypeError, ValueError):
-            raise DataError(f"cop must be an integer, got {cop!r}", field="cop", **where) from None
+        if _integer(cop) is None:
+            raise DataError(f"cop must be an integer, got {cop!r}", field="cop", **where)
+        idx = _integer(cop) - cop_base
         if not 0 <= idx < len(options):
             raise DataError(f"cop={cop} is out of range for {len(options)} options (cop_base={cop_base}; the "
                             f"original MedMCQA release counts from 1: use cop_base 1)", field="cop", **where)

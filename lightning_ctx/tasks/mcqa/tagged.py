@@ -13,7 +13,7 @@ How a response is read (:class:`TaggedChoiceVerifier`; anything else is **unpars
   (``<Answer>``), anything but one letter inside (``<answer>C) Pancreas</answer>``, ``<answer>(C)</answer>``),
   or a missing closing tag -> unparseable.
 
-OPCD's reading (:class:`OPCDChoiceVerifier`, ``data.scoring: opcd``; ``get_medmcqa_acc`` v1 of
+OPCD's reading (:class:`OPCDChoiceVerifier`, ``scoring: opcd``; ``get_medmcqa_acc`` v1 of
 ``opcd/verl/verl/trainer/ppo/reward.py`` in microsoft/LMOps), over MedMCQA's four options A-D: take the text of the
 **last** ``<answer>...</answer>`` pair, the tag in any case (:func:`~lightning_ctx.data.verifiers.last_tagged`);
 the letter is the first parenthesised option letter in it (``(c)`` -> ``C``), else the first option letter
@@ -30,12 +30,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_ctx.data.exports import MISSING, ExportDataModule, field_value
+from lightning_ctx.data.exports import MISSING, ExportTask, field_value
 from lightning_ctx.data.verifiers import extract_tagged, last_tagged
 from lightning_ctx.errors import DataError
 from lightning_ctx.tasks.mcqa.convert import LETTERS, row_to_record
 
-__all__ = ["OPCD_LETTERS", "OPCDChoiceVerifier", "SysMCQADataModule", "TaggedChoiceVerifier", "normalize_choice",
+__all__ = ["OPCD_LETTERS", "OPCDChoiceVerifier", "SysMCQATask", "TaggedChoiceVerifier", "normalize_choice",
            "read_choice", "read_choice_opcd"]
 
 _GOLD = re.compile(r"^\(?([A-Ja-j])[).:]?$")
@@ -117,18 +117,18 @@ class OPCDChoiceVerifier:
         return got is not None and got == self.parse_answer(answer)
 
 
-class SysMCQADataModule(ExportDataModule):
-    """MedMCQA with OPCD's medical system prompt as the context (verifier ``mcqa_tagged`` for ``data.scoring:
-    strict``, ``mcqa_opcd`` for ``opcd``; see the module docs).
+class SysMCQATask(ExportTask):
+    """MedMCQA with OPCD's medical system prompt as the context (verifier ``TaggedChoiceVerifier`` for ``scoring:
+    strict``, ``OPCDChoiceVerifier`` for ``opcd``; see the module docs).
 
     Reads ``sys_medmcqa_{train,test}`` exports through a field map (assumed layout: ``content`` = the question
     with its lettered options, ``answer`` or ``reward_model.ground_truth`` = the gold letter or a 0-based
     index; see ``lightning_ctx.data.exports``). Rows in the raw MedMCQA layout (``question``, ``opa``..``opd``,
     ``cop`` counted from 0) are formatted as ``Question: ...`` / ``Options:`` / ``A) ...`` lines instead.
-    Args as in :class:`~lightning_ctx.data.exports.ExportDataModule`.
+    Args as in :class:`~lightning_ctx.data.exports.ExportTask`.
     """
 
-    VERIFIERS = {"strict": "mcqa_tagged", "opcd": "mcqa_opcd"}
+    VERIFIERS = {"strict": TaggedChoiceVerifier, "opcd": OPCDChoiceVerifier}
     ANSWER_TAG = "<answer>"
     FORMAT_EXAMPLE = "End with the letter of your final choice as <answer>X</answer>."
     ID_PREFIX = "medmcqa-"
@@ -149,7 +149,7 @@ class SysMCQADataModule(ExportDataModule):
                 if rec is None:  # MedMCQA's unlabeled rows (cop = -1)
                     if self.skip_unlabeled:
                         continue
-                    raise DataError("no gold answer (cop is -1 or missing): set data.skip_unlabeled to drop such "
+                    raise DataError("no gold answer (cop is -1 or missing): set skip_unlabeled to drop such "
                                     "rows", path=path, line=line, field="cop")
                 row = {**row, prompt_key: rec["prompt"], answer_key: rec["answer"]}
             out.append((line, row))

@@ -22,7 +22,7 @@ two tags (even if they agree)                             unparseable
 ``<answer>maybe</answer>``                                unparseable
 ========================================================  ==============================================
 
-OPCD's reading (:class:`OPCDVerdictVerifier`, ``data.scoring: opcd``; ``get_safety_acc`` v1 of
+OPCD's reading (:class:`OPCDVerdictVerifier`, ``scoring: opcd``; ``get_safety_acc`` v1 of
 ``opcd/verl/verl/trainer/ppo/reward.py`` in microsoft/LMOps): the response is lower-cased, the **last**
 ``<answer>...</answer>`` pair is taken (:func:`~lightning_ctx.data.verifiers.last_tagged`), and its text, stripped
 of surrounding whitespace, must equal the gold verdict. So, unlike the strict reading: ``<Answer>yes</Answer>`` is

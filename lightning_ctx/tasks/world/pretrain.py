@@ -31,7 +31,13 @@ from lightning_ctx.models.pretraining import (
 from lightning_ctx.tasks.world import rules as W
 from lightning_ctx.tasks.world.evaluate import evaluate_world_model, no_context_report
 from lightning_ctx.tasks.world.model import build_world_model
-from lightning_ctx.tasks.world.tokenizer import answer_ids, build_world_tokenizer, render_messages, render_prompt_ids
+from lightning_ctx.tasks.world.tokenizer import (
+    answer_ids,
+    build_world_tokenizer,
+    render_messages,
+    render_prompt_ids,
+    save_world_tokenizer,
+)
 
 
 class WorldBatches(torch.utils.data.IterableDataset):
@@ -175,7 +181,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
     ev = evaluate_world_model(model, tokenizer, W.ALL_CONTEXTS, eval_n_per_context, seed=seed)
     nc = no_context_report(model, tokenizer, seed=seed)
     model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    save_world_tokenizer(tokenizer, output_dir)  # portable across transformers 4.56 / 5.x
     total_seconds = time.perf_counter() - t0
 
     report = {
@@ -209,24 +215,29 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m lightning_ctx.tasks.world.pretrain",
-                                description="Pretrain the rule-world base model and print its per-context accuracy.")
+    from lightning_ctx.console import PlainHelpFormatter
+
+    p = argparse.ArgumentParser(prog="lightning-ctx pretrain-world", formatter_class=PlainHelpFormatter,
+                                description="Pretrain the rule-world base model (what builtin:world ships) from "
+                                            "scratch on CPU and print its per-context accuracy.")
     p.add_argument("--out", required=True, help="output directory (model, tokenizer, report.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["qwen2", "llama"], default=DEFAULTS["arch"])
-    p.add_argument("--layers", type=int, default=DEFAULTS["layers"])
-    p.add_argument("--width", type=int, default=DEFAULTS["width"])
-    p.add_argument("--heads", type=int, default=DEFAULTS["heads"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch stream")
+    p.add_argument("--arch", choices=["qwen2", "llama"], default=DEFAULTS["arch"], help="model architecture")
+    p.add_argument("--layers", type=int, default=DEFAULTS["layers"], help="transformer blocks")
+    p.add_argument("--width", type=int, default=DEFAULTS["width"], help="hidden size")
+    p.add_argument("--heads", type=int, default=DEFAULTS["heads"], help="attention heads")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8*width/3)")
-    p.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    p.add_argument("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"])
-    p.add_argument("--p-no-context", type=float, default=DEFAULTS["p_no_context"])
-    p.add_argument("--eval-n-per-context", type=int, default=DEFAULTS["eval_n_per_context"])
+    p.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"], help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="sequences per step")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak AdamW learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], help="linear warm-up steps")
+    p.add_argument("--p-no-context", type=float, default=DEFAULTS["p_no_context"],
+                   help="share of items without a context (their targets drawn from the no-context mixture)")
+    p.add_argument("--eval-n-per-context", type=int, default=DEFAULTS["eval_n_per_context"],
+                   help="held-out items per context in the final report")
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads (0 = leave as is)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     report = pretrain_world(a.out, seed=a.seed, arch=a.arch, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,

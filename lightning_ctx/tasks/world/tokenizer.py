@@ -3,10 +3,19 @@
 ``build_world_tokenizer()`` is a ``PreTrainedTokenizerFast`` on a ``tokenizers`` WordLevel model with a
 whitespace pre-tokenizer over the world's symbols, special tokens ``<pad>`` / ``<bos>`` (defined, not
 emitted by the template) / ``<eot>`` (eos = end of turn) / ``<unk>`` and role markers. Load saved copies
-with ``PreTrainedTokenizerFast.from_pretrained``, not ``AutoTokenizer`` (docs/design.md, pitfalls).
+with ``PreTrainedTokenizerFast.from_pretrained``, not ``AutoTokenizer``: transformers 5 builds a byte-level
+``Qwen2Tokenizer`` for any qwen2 folder, whatever ``tokenizer_config.json`` says (docs/design.md, pitfalls).
+
+``save_world_tokenizer`` writes a folder that every supported transformers (4.56 to 5.x) and ``tokenizers``
+alone read the same way: ``tokenizer.json``, ``chat_template.jinja`` and a plain ``PreTrainedTokenizerFast``
+``tokenizer_config.json`` (``PORTABLE_TOKENIZER_CONFIG``). ``save_pretrained`` would write the format of the
+installed transformers: 5.x's (``TokenizersBackend``, ``extra_special_tokens`` as a list) fails to load under 4.x.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from lightning_ctx.tasks.world import rules as W
 
@@ -29,6 +38,23 @@ WORLD_CHAT_TEMPLATE = (
 )
 
 MAX_NEW_TOKENS = 8  # the longest answer (SHOW format) is 7 tokens + <eot>
+MODEL_MAX_LENGTH = 64
+# No token_type_ids: PreTrainedTokenizerFast's default in transformers 4.x would return them.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+#: ``tokenizer_config.json`` of a saved world tokenizer: the keys both transformers 4.56+ and 5.x read
+#: (no ``backend``/``extra_special_tokens``, which are 5.x-only). The chat template is ``chat_template.jinja``.
+PORTABLE_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": BOS,
+    "eos_token": EOT,
+    "pad_token": PAD,
+    "unk_token": UNK,
+    "additional_special_tokens": list(ROLE_TOKENS),
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": MODEL_MAX_LENGTH,
+    "model_input_names": MODEL_INPUT_NAMES,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,10 +80,21 @@ def build_world_tokenizer():
         additional_special_tokens=list(ROLE_TOKENS),
         chat_template=WORLD_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
-        model_max_length=64,
+        model_max_length=MODEL_MAX_LENGTH,
+        model_input_names=MODEL_INPUT_NAMES,
     )
     assert tok.pad_token_id != tok.eos_token_id
     return tok
+
+
+def save_world_tokenizer(tokenizer, output_dir: str | Path) -> None:
+    """Write ``tokenizer`` (a ``build_world_tokenizer()``) in the portable format (module docstring)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(output_dir / "tokenizer.json"))
+    (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    config = json.dumps(PORTABLE_TOKENIZER_CONFIG, indent=2, ensure_ascii=False)
+    (output_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
 
 
 def render_messages(context: str | None, prompt: str) -> list[dict[str, str]]:

@@ -62,8 +62,9 @@ def test_moves_after_goal_ignored_by_default_failed_when_strict():
     assert strict.outcome(path + " UP", MAP).status == "after_goal"
     # moves after G are still parsed: a malformed tail fails in both modes
     assert not frozenlake_verifier(path + " banana", MAP)
-    assert isinstance(build_verifier("frozenlake", strict=True), FrozenLakeVerifier)
-    assert build_verifier("frozenlake", strict=True).strict and not build_verifier("frozenlake").strict
+    by_path = "lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier"  # the JSONL task's way to name it
+    assert isinstance(build_verifier(by_path, strict=True), FrozenLakeVerifier)
+    assert build_verifier(by_path, strict=True).strict and not build_verifier(by_path).strict
 
 
 def test_map_formats_and_parse_answer():
@@ -117,12 +118,14 @@ def test_cli_writes_loadable_splits(tmp_path):
 
 
 def test_datamodule_checks_maps_before_training(tmp_path, tiny_dirs):
-    from lightning_ctx.data.datamodule import ContextPairDataModule
+    from lightning_ctx.data.datamodule import TaskDataModule
     from lightning_ctx.data.records import write_jsonl
+    from lightning_ctx.data.task import JSONLTask
 
     recs = make_frozenlake_records(4, seed=0)
     recs[2] = dict(recs[2], answer="S H / H G")  # unsolvable
     path = write_jsonl(recs, tmp_path / "train.jsonl")
-    dm = ContextPairDataModule(train_file=str(path), verifier="frozenlake", tokenizer=tiny_dirs["qwen2"])
+    task = JSONLTask(train_file=str(path), verifier="lightning_ctx.tasks.frozenlake.rules:FrozenLakeVerifier")
+    dm = TaskDataModule(task, tokenizer=tiny_dirs["qwen2"])
     with pytest.raises(DataError, match=r"train.jsonl, line 3, field 'answer'"):
         dm.validate()

@@ -140,13 +140,13 @@ def test_env_kwargs_reach_the_constructor_and_lists_become_tuples():
 
 
 @pytest.mark.parametrize("env_id, kwargs, field, message", [
-    ("FrozenLake-v0-raw", {"sizee": 3}, "data.env_kwargs.sizee", "not an argument of FrozenLakeEnv"),
-    ("FrozenLake-v0-raw", {"size": "3"}, "data.env_kwargs.size", "like its default 4"),
-    ("FrozenLake-v0-raw", {"randomize_start_goal": 1}, "data.env_kwargs.randomize_start_goal", "default False"),
-    ("FrozenLake-v0-raw", {"size": 0, "num_holes": 1}, "data.env_kwargs.size", "cannot build a board"),
-    ("Sokoban-v0-raw", {"dim_room": [6]}, "data.env_kwargs.dim_room", r"like its default \(6, 6\)"),
-    ("Sokoban-v0-raw", {"num_boxes": 1.5}, "data.env_kwargs.num_boxes", "default 3"),
-    ("Sokoban-v0-raw", [1], "data.env_kwargs", "must be a mapping"),
+    ("FrozenLake-v0-raw", {"sizee": 3}, "data.task.env_kwargs.sizee", "not an argument of FrozenLakeEnv"),
+    ("FrozenLake-v0-raw", {"size": "3"}, "data.task.env_kwargs.size", "like its default 4"),
+    ("FrozenLake-v0-raw", {"randomize_start_goal": 1}, "data.task.env_kwargs.randomize_start_goal", "default False"),
+    ("FrozenLake-v0-raw", {"size": 0, "num_holes": 1}, "data.task.env_kwargs.size", "cannot build a board"),
+    ("Sokoban-v0-raw", {"dim_room": [6]}, "data.task.env_kwargs.dim_room", r"like its default \(6, 6\)"),
+    ("Sokoban-v0-raw", {"num_boxes": 1.5}, "data.task.env_kwargs.num_boxes", "default 3"),
+    ("Sokoban-v0-raw", [1], "data.task.env_kwargs", "must be a mapping"),
 ])
 def test_env_kwargs_errors_name_the_key(env_id, kwargs, field, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -8,13 +8,8 @@ from lightning_ctx.models.loading import load_tokenizer
 from lightning_ctx.rollout_episodes import ChatFormat, build_format
 from lightning_ctx.tasks.games import oracle
 from lightning_ctx.tasks.games.env import NO_ACTION, GameFactory
-from lightning_ctx.tasks.games.evaluate import (
-    GAME_METRIC_KEYS,
-    GameSummary,
-    evaluate_games,
-    game_metrics,
-    reference_rates,
-)
+from lightning_ctx.tasks.games.evaluate import GameSummary, evaluate_games, game_metrics, reference_rates
+from lightning_ctx.tasks.games.metrics import GAMES
 from tests.tasks.games.players import LiveGames, scripted_sampler, state_plan
 
 
@@ -31,7 +26,7 @@ def test_metrics_by_hand():
     assert math.isnan(none_won["harm"]) and none_won["help"] == 1.0  # undefined ratios are NaN, never 0
     assert math.isnan(m["pass_oracle"]) and math.isnan(m["pass_random"])  # no references given
     refs = game_metrics(no_ctx, ctx, {"pass_oracle": 0.75, "pass_random": 0.125})
-    assert list(refs) == list(GAME_METRIC_KEYS) and refs["pass_oracle"] == 0.75 and refs["pass_random"] == 0.125
+    assert list(refs) == GAMES.names()[:16] and refs["pass_oracle"] == 0.75 and refs["pass_random"] == 0.125
 
 
 def test_reference_rates_are_the_oracle_on_exactly_those_seeds():
@@ -62,6 +57,8 @@ def test_same_seeds_with_and_without_the_experience(tiny_qwen3, monkeypatch, nam
                             tok.pad_token_id, batch_size=2)
     m = result.metrics
     assert m["pass_no_ctx"] == 0 and m["pass_ctx"] == 1 and m["help"] == 1 and math.isnan(m["harm"])
+    # intervals over the three games: every resample gives the same pass rates; harm has no interval
+    assert m["n_items"] == 3 and m["pass_ctx_lo"] == m["pass_ctx_hi"] == 1 and math.isnan(m["harm_lo"])
     assert m["invalid_rate_no_ctx"] == 1.0 and m["turns_no_ctx"] == 2 and m["invalid_rate_ctx"] == 0
     seeds = [g.seed for g in live.games]
     assert seeds == [3, 5, 7, 3, 5, 7]  # the same seeds both ways

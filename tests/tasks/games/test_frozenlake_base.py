@@ -14,7 +14,6 @@ import torch
 
 from lightning_ctx.rollout_episodes import ChatFormat, PerTurnFormat
 from lightning_ctx.tasks.games import oracle
-from lightning_ctx.tasks.games.datamodule import PAPER_ENV_KWARGS, split_seeds
 from lightning_ctx.tasks.games.env import GameOutcome, make_games
 from lightning_ctx.tasks.games.extract import format_games, writing_prompt
 from lightning_ctx.tasks.games.frozenlake_base import evaluate as GE
@@ -23,6 +22,7 @@ from lightning_ctx.tasks.games.frozenlake_base import players as P
 from lightning_ctx.tasks.games.frozenlake_base import pretrain as GP
 from lightning_ctx.tasks.games.frozenlake_base import tokenizer as GT
 from lightning_ctx.tasks.games.frozenlake_base.writer import TemplateWriter, template_notes
+from lightning_ctx.tasks.games.task import PAPER_ENV_KWARGS, split_seeds
 
 ENV = "FrozenLake-v0-raw"
 KWARGS = PAPER_ENV_KWARGS[ENV]

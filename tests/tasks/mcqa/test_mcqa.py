@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.data.records import DataError, load_jsonl
-from lightning_ctx.data.verifiers import build_verifier
-from lightning_ctx.tasks.mcqa import MCQADataModule
+from lightning_ctx.data.verifiers import ChoiceVerifier, build_verifier
+from lightning_ctx.tasks.mcqa import MCQATask
 from lightning_ctx.tasks.mcqa.convert import (
     MEDICAL_SYSTEM_PROMPT,
     convert_rows,
@@ -85,14 +86,37 @@ def test_cli_converts_to_records(tmp_path):
 
 
 def test_datamodule_holds_out_val_rows(tiny_dirs):
-    dm = MCQADataModule(train_file=str(SAMPLE), val_size=8, system_prompt_file=str(SYSTEM_PROMPT_FILE),
+    dm = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8, system_prompt_file=str(SYSTEM_PROMPT_FILE)),
                         tokenizer=tiny_dirs["qwen2"])
     dm.validate()
     train, val = dm.records("train"), dm.records("val")
     assert len(train) == 16 and len(val) == 8 and not {r.id for r in train} & {r.id for r in val}
-    again = MCQADataModule(train_file=str(SAMPLE), val_size=8, tokenizer=tiny_dirs["qwen2"])
+    again = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8), tokenizer=tiny_dirs["qwen2"])
     again.validate()
     assert [r.id for r in again.records("val")] == [r.id for r in val]  # seeded
-    assert dm.verifier_name == "choice" and dm.verifier("C", "C")
-    with pytest.raises(DataError, match="val_size"):
-        MCQADataModule(train_file=str(SAMPLE), val_file=str(SAMPLE), val_size=2)
+    other = TaskDataModule(MCQATask(train_file=str(SAMPLE), val_size=8, val_seed=1), tokenizer=tiny_dirs["qwen2"])
+    assert [r.id for r in other.records("val")] != [r.id for r in val]  # by val_seed
+    assert isinstance(dm.verifier, ChoiceVerifier) and dm.verifier("C", "C")
+    with pytest.raises(DataError, match="data.task.val_size"):
+        MCQATask(train_file=str(SAMPLE), val_file=str(SAMPLE), val_size=2)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"question": "q", "opa": "a", "opb": None, "opc": "c", "opd": "d", "cop": 2}, "opb"),  # C would now be "d"
+    ({"question": "q", "opa": "a", "opb": "  ", "opc": "c", "cop": 0}, "opb"),
+    ({"question": "q", "opa": "a", "opc": "c", "opd": "d", "cop": 0}, "opb"),  # a missing key shifts as well
+    ({"question": "q", "opa": "a", "opb": "b", "cop": True}, "cop"),  # int(True) == 1: B, silently
+    ({"question": "q", "opa": "a", "opb": "b", "opc": "c", "cop": 1.9}, "cop"),  # int(1.9) == 1: B, silently
+])
+def test_rows_that_would_shift_the_gold_letter_are_errors(row, field):
+    """(issue #26.5) A null or missing option before a given one, or a cop that is not an integer, used to produce a
+    record whose gold letter names another option; the converter and both data modules read rows through here."""
+    with pytest.raises(DataError, match=rf"line 3, field '{field}'"):
+        row_to_record(row, "SYS", path="raw.jsonl", line=3)
+
+
+def test_trailing_null_options_and_integral_cops_are_fine():
+    row = {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": None, "ope": None, "cop": 2.0}
+    rec = row_to_record(row, "SYS")
+    assert rec["answer"] == "C" and "D)" not in rec["prompt"]
+    assert row_to_record(dict(row, cop="1"), "SYS")["answer"] == "B"

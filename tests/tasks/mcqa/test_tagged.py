@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ctx.data.verifiers import build_verifier
+from lightning_ctx.data.datamodule import TaskDataModule
 from lightning_ctx.errors import ConfigError, DataError
 from lightning_ctx.tasks.mcqa import (
     OPCDChoiceVerifier,
-    SysMCQADataModule,
+    SysMCQATask,
     TaggedChoiceVerifier,
     normalize_choice,
     read_choice,
@@ -43,7 +43,7 @@ CASES = [
 @pytest.mark.parametrize("response, expected", CASES)
 def test_read_choice_cases(response, expected):
     assert read_choice(response) == expected
-    verifier = build_verifier("mcqa_tagged")
+    verifier = TaggedChoiceVerifier()
     assert isinstance(verifier, TaggedChoiceVerifier)
     for gold in "ABCD":
         assert verifier(response, gold) is (expected == gold)
@@ -88,14 +88,14 @@ OPCD_CASES = [
 @pytest.mark.parametrize("response, expected", OPCD_CASES)
 def test_read_choice_opcd_cases(response, expected):
     assert read_choice_opcd(response) == expected
-    verifier = build_verifier("mcqa_opcd")
+    verifier = OPCDChoiceVerifier()
     assert isinstance(verifier, OPCDChoiceVerifier)
     for gold in ("A", "B", "C", "D", "b", "(C)"):
         assert verifier(response, gold) is (expected == normalize_choice(gold))
 
 
 def test_the_two_scorings_differ_where_documented():
-    strict, opcd = build_verifier("mcqa_tagged"), build_verifier("mcqa_opcd")
+    strict, opcd = TaggedChoiceVerifier(), OPCDChoiceVerifier()
     for response, gold, by_strict, by_opcd in [
         ("<answer>A</answer> or maybe <answer>B</answer>", "B", False, True),
         ("<answer>(B)</answer>", "B", False, True),
@@ -132,36 +132,37 @@ def test_converter_reads_a_parquet_in_the_assumed_export_layout(tmp_path, tiny_d
             {"content": content.replace("insulin", "glucagon"), "answer": "b", "data_source": "sys_medmcqa"}]
     path = tmp_path / "sys_medmcqa_test.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    dm = SysMCQADataModule(train_file=str(path), system_prompt_file=str(PROMPT_FILE), tokenizer=tiny_dirs["llama"])
+    dm = TaskDataModule(SysMCQATask(train_file=str(path), system_prompt_file=str(PROMPT_FILE)),
+                        tokenizer=tiny_dirs["llama"])
     recs = dm.records("train")
     assert [(r.id, r.answer) for r in recs] == [("medmcqa-1", "B"), ("medmcqa-2", "B")]
     assert recs[0].prompt == content and recs[0].context == PROMPT_FILE.read_text().strip()
-    assert dm.verifier_name == "mcqa_tagged"
+    assert type(dm.verifier) is TaggedChoiceVerifier
     # verl's reward_model.ground_truth holding a 0-based index works through the default field map too
     pq.write_table(pa.Table.from_pylist([{"content": content, "reward_model": {"ground_truth": 1}}]), path)
-    again = SysMCQADataModule(train_file=str(path), system_prompt=TAGGED, tokenizer=tiny_dirs["llama"])
+    again = TaskDataModule(SysMCQATask(train_file=str(path), system_prompt=TAGGED), tokenizer=tiny_dirs["llama"])
     assert again.records("train")[0].answer == "B"
 
 
 def test_raw_medmcqa_rows_and_errors(jsonl_file, tiny_dirs):
     raw = {"id": "m1", "question": "Which organ produces insulin?", "opa": "Liver", "opb": "Pancreas",
            "opc": "Spleen", "opd": "Kidney", "cop": 1}
-    dm = SysMCQADataModule(train_file=jsonl_file([raw, dict(raw, id="m2", cop=-1)]), system_prompt=TAGGED,
-                           skip_unlabeled=True, tokenizer=tiny_dirs["qwen2"])
+    dm = TaskDataModule(SysMCQATask(train_file=jsonl_file([raw, dict(raw, id="m2", cop=-1)]), system_prompt=TAGGED,
+                                    skip_unlabeled=True), tokenizer=tiny_dirs["qwen2"])
     (rec,) = dm.records("train")
     assert (rec.id, rec.answer) == ("m1", "B") and rec.prompt.endswith("D) Kidney")  # no extra instruction line
     with pytest.raises(DataError, match="cop"):
-        SysMCQADataModule(train_file=jsonl_file([dict(raw, cop=-1)]), system_prompt=TAGGED,
-                          tokenizer=tiny_dirs["qwen2"]).validate()
+        TaskDataModule(SysMCQATask(train_file=jsonl_file([dict(raw, cop=-1)]), system_prompt=TAGGED),
+                       tokenizer=tiny_dirs["qwen2"]).validate()
     with pytest.raises(DataError, match="cannot read gold answer 'Pancreas'"):
-        SysMCQADataModule(train_file=jsonl_file([{"content": "Q?", "answer": "Pancreas"}]), system_prompt=TAGGED,
-                          tokenizer=tiny_dirs["qwen2"]).validate()
+        TaskDataModule(SysMCQATask(train_file=jsonl_file([{"content": "Q?", "answer": "Pancreas"}]),
+                                   system_prompt=TAGGED), tokenizer=tiny_dirs["qwen2"]).validate()
 
 
 def test_shipped_samples_convert():
-    dm = SysMCQADataModule(train_file=str(DATA / "sys_medmcqa_train_sample.jsonl"),
-                           val_file=str(DATA / "sys_medmcqa_test_sample.jsonl"), system_prompt_file=str(PROMPT_FILE))
-    train, val = dm.load_split_records("train"), dm.load_split_records("val")
+    task = SysMCQATask(train_file=str(DATA / "sys_medmcqa_train_sample.jsonl"),
+                       val_file=str(DATA / "sys_medmcqa_test_sample.jsonl"), system_prompt_file=str(PROMPT_FILE))
+    train, val = task.load("train"), task.load("val")
     assert len(train) == 16 and len(val) == 8
     assert all(r.answer in "ABCD" and "Options:" in r.prompt for r in train + val)
     assert "<answer>" in PROMPT_FILE.read_text()
@@ -187,12 +188,12 @@ def test_opcds_prompt_file_is_taken_as_published(tmp_path, tiny_dirs, scoring, v
     samples = {"train_file": str(DATA / "sys_medmcqa_train_sample.jsonl"),
                "val_file": str(DATA / "sys_medmcqa_test_sample.jsonl")}
     # our samples' questions do not ask for the tag either (OPCD's exports must): refused, with the fix in the message
-    with pytest.raises(DataError, match="sys_medmcqa_train_sample.jsonl.*<answer>.*data.instruction"):
-        SysMCQADataModule(**samples, system_prompt_file=str(prompt_file), scoring=scoring,
-                          tokenizer=tiny_dirs["qwen2"]).validate()
+    with pytest.raises(DataError, match="sys_medmcqa_train_sample.jsonl.*data.task.instruction.*<answer>"):
+        TaskDataModule(SysMCQATask(**samples, system_prompt_file=str(prompt_file), scoring=scoring),
+                       tokenizer=tiny_dirs["qwen2"]).validate()
     instruction = "Give the letter of your final choice as <answer>X</answer>."
-    dm = SysMCQADataModule(**samples, system_prompt_file=str(prompt_file), scoring=scoring, instruction=instruction,
-                           max_prompt_length=1024, tokenizer=tiny_dirs["qwen2"])
+    task = SysMCQATask(**samples, system_prompt_file=str(prompt_file), scoring=scoring, instruction=instruction)
+    dm = TaskDataModule(task, max_prompt_length=1024, tokenizer=tiny_dirs["qwen2"])
     dm.validate()
     assert type(dm.verifier) is verifier
     records = dm.records("train") + dm.records("val")
@@ -203,11 +204,12 @@ def test_opcds_prompt_file_is_taken_as_published(tmp_path, tiny_dirs, scoring, v
 
 def test_scoring_knob():
     train = str(DATA / "sys_medmcqa_train_sample.jsonl")
-    assert SysMCQADataModule(train_file=train, system_prompt_file=str(PROMPT_FILE)).verifier_name == "mcqa_tagged"
-    dm = SysMCQADataModule(train_file=train, system_prompt_file=str(PROMPT_FILE), scoring="opcd")
-    assert dm.verifier_name == "mcqa_opcd" and dm.verifier("<answer>A</answer> no, <answer>(b)</answer>", "B")
-    with pytest.raises(ConfigError, match="data.scoring.*must be one of strict, opcd, got 'OPCD'"):
-        SysMCQADataModule(train_file=train, system_prompt_file=str(PROMPT_FILE), scoring="OPCD")
+    assert type(SysMCQATask(train_file=train, system_prompt_file=str(PROMPT_FILE)).verifier) is TaggedChoiceVerifier
+    task = SysMCQATask(train_file=train, system_prompt_file=str(PROMPT_FILE), scoring="opcd")
+    assert type(task.verifier) is OPCDChoiceVerifier
+    assert task.verifier("<answer>A</answer> no, <answer>(b)</answer>", "B")
+    with pytest.raises(ConfigError, match="data.task.scoring.*must be one of strict, opcd, got 'OPCD'"):
+        SysMCQATask(train_file=train, system_prompt_file=str(PROMPT_FILE), scoring="OPCD")
 
 
 @pytest.mark.parametrize("scoring", ["strict", "opcd"])
@@ -215,16 +217,16 @@ def test_an_unreadable_gold_letter_stops_the_run_under_either_scoring(jsonl_file
     def error(gold):
         path = jsonl_file([{"content": "Q?", "answer": "A"}, {"content": "R?", "answer": gold}])
         with pytest.raises(DataError, match="line 2") as info:
-            SysMCQADataModule(train_file=path, system_prompt=TAGGED, scoring=scoring,
-                              tokenizer=tiny_dirs["qwen2"]).validate()
+            TaskDataModule(SysMCQATask(train_file=path, system_prompt=TAGGED, scoring=scoring),
+                           tokenizer=tiny_dirs["qwen2"]).validate()
         return str(info.value)
 
     for gold in ("Pancreas", "K", "AB"):  # no option letter: refused while converting, whatever the scoring
         assert f"cannot read gold answer {gold!r}" in error(gold)
     # E is an option letter, but OPCD's scorer knows A-D only: it could never score this item right
     if scoring == "strict":
-        dm = SysMCQADataModule(train_file=jsonl_file([{"content": "Q?", "answer": "E"}]), system_prompt=TAGGED,
-                               tokenizer=tiny_dirs["qwen2"])
+        task = SysMCQATask(train_file=jsonl_file([{"content": "Q?", "answer": "E"}]), system_prompt=TAGGED)
+        dm = TaskDataModule(task, tokenizer=tiny_dirs["qwen2"])
         assert [r.answer for r in dm.records("train")] == ["E"]
     else:
-        assert "the 'mcqa_opcd' verifier cannot parse answer 'E'" in error("E")
+        assert "the 'OPCDChoiceVerifier' verifier cannot parse answer 'E'" in error("E")

@@ -13,9 +13,9 @@ CONFIG = Path(__file__).resolve().parents[3] / "experiments" / "world_anchored_r
 
 @pytest.mark.slow
 def test_world_anchored_retain_fit(mlflow_uri):
-    main(["fit", "--config", str(CONFIG), "--trainer.max_steps", "3", "--data.init_args.batch_size", "8",
-          "--data.init_args.n_val", "20", "--data.init_args.retention_contexts", "2",
-          "--data.init_args.retention_items", "5", "--trainer.enable_progress_bar", "false",
+    main(["fit", "--config", str(CONFIG), "--trainer.max_steps", "3", "--data.batch_size", "8",
+          "--data.task.n_val", "20", "--data.task.eval_other_contexts", "2",
+          "--data.task.eval_other_items", "5", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false"])
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("world").experiment_id])
@@ -33,4 +33,4 @@ def test_world_anchored_retain_fit(mlflow_uri):
     for name in ("eval/acc_no_ctx", "eval/acc_ctx", "eval/harm", "eval/retention", "ref/teacher_acc_ctx"):
         assert name in m, name
     assert m["ref/teacher_acc_ctx"] == 1.0  # the shipped base follows the SHOW context perfectly
-    assert run.data.params["cfg/data.init_args.target_context"] == "SHOW"
+    assert run.data.params["cfg/data.task.init_args.target_context"] == "SHOW"

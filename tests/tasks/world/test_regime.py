@@ -13,8 +13,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
 
 def _final_retention(mlflow_uri, config: str, run_name: str) -> float:
     main(["fit", "--config", str(EXPERIMENTS / config), "--trainer.max_steps", "50",
-          "--data.init_args.n_val", "20", "--data.init_args.retention_contexts", "4",
-          "--data.init_args.retention_items", "10", "--trainer.logger.init_args.run_name", run_name,
+          "--data.task.n_val", "20", "--data.task.eval_other_contexts", "4",
+          "--data.task.eval_other_items", "10", "--trainer.logger.init_args.run_name", run_name,
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("world")

@@ -13,12 +13,12 @@ from lightning_ctx.eval.evaluator import seeded_rng
 from lightning_ctx.rollout import SamplingSettings, build_engine, sample_responses
 from lightning_ctx.rollout_episodes import ChatFormat, PerTurnFormat
 from lightning_ctx.tasks.games import oracle
-from lightning_ctx.tasks.games.datamodule import env_kwargs_for, split_seeds
 from lightning_ctx.tasks.games.env import GameFactory
 from lightning_ctx.tasks.games.evaluate import pass_rate
 from lightning_ctx.tasks.games.frozenlake_base import players as P
 from lightning_ctx.tasks.games.frozenlake_base.model import MAX_NEW_TOKENS
 from lightning_ctx.tasks.games.frozenlake_base.tokenizer import ENV_ID
+from lightning_ctx.tasks.games.task import env_kwargs_for, split_seeds
 
 MAX_TURNS = 5  # OPCD
 #: The experiences the base is measured under: the built-in one, notes that never mention holes, none.

@@ -34,12 +34,12 @@ from lightning_ctx.models.pretraining import (
 )
 from lightning_ctx.rollout_episodes import ChatFormat, PerTurnFormat, TurnPrompt
 from lightning_ctx.tasks.games import oracle
-from lightning_ctx.tasks.games.datamodule import env_kwargs_for, split_seeds
 from lightning_ctx.tasks.games.env import NO_ACTION, TextGame
 from lightning_ctx.tasks.games.frozenlake_base import players as P
 from lightning_ctx.tasks.games.frozenlake_base.evaluate import EXPERIENCES, base_report
 from lightning_ctx.tasks.games.frozenlake_base.model import build_games_model
 from lightning_ctx.tasks.games.frozenlake_base.tokenizer import ENV_ID, build_games_tokenizer
+from lightning_ctx.tasks.games.task import env_kwargs_for, split_seeds
 
 RANDOM = "random"
 PLAYER_LINE = TurnPrompt().player_line  # how the per-turn history shows an earlier move

@@ -56,8 +56,8 @@ def game_texts(env_kwargs: dict | None = None, seeds: int = CORPUS_SEEDS) -> lis
     """What TextArena shows on OPCD's boards: the first observation and the feedback after every pair of moves of
     each kind (moves, walls, a reply without an action: every row and column of a position report), over ``seeds``
     games."""
-    from lightning_ctx.tasks.games.datamodule import env_kwargs_for
     from lightning_ctx.tasks.games.env import make_games
+    from lightning_ctx.tasks.games.task import env_kwargs_for
 
     kwargs = env_kwargs_for(ENV_ID, env_kwargs)
     texts = []
@@ -78,8 +78,8 @@ def board_texts(env_kwargs: dict | None = None, seeds: int = BOARD_SEEDS) -> lis
     ends the game before a board is shown)."""
     import random
 
-    from lightning_ctx.tasks.games.datamodule import env_kwargs_for
     from lightning_ctx.tasks.games.env import import_textarena
+    from lightning_ctx.tasks.games.task import env_kwargs_for
 
     ta = import_textarena()
     kwargs = oracle.make_kwargs(env_kwargs_for(ENV_ID, env_kwargs))
