@@ -1,14 +1,16 @@
 """Pretraining the built-in base models (the rule world's, the game's): prompt/answer batches with the loss on the
 answer only, a LightningModule with AdamW and warmup + cosine, plain-text progress, and the machine facts a
-pretraining report records."""
+pretraining report records, and the portable way to save their tokenizers."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -113,3 +115,16 @@ def machine_report(load_start: float | None) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "lightning": lightning.__version__, "python": platform.python_version()},
     }
+
+
+def save_portable_tokenizer(tokenizer, output_dir: str | Path, config: dict[str, Any]) -> None:
+    """Write a ``PreTrainedTokenizerFast`` that every supported transformers (4.56 to 5.x) and ``tokenizers`` alone
+    read the same way: ``tokenizer.json``, ``chat_template.jinja`` and ``config`` as ``tokenizer_config.json`` (plain
+    ``PreTrainedTokenizerFast`` keys). ``save_pretrained`` would write the installed transformers' format: 5.x's
+    (``TokenizersBackend``, ``extra_special_tokens`` as a list) fails to load under 4.x."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(output_dir / "tokenizer.json"))
+    (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    text = json.dumps(config, indent=2, ensure_ascii=False)
+    (output_dir / "tokenizer_config.json").write_text(text + "\n", encoding="utf-8")

@@ -4,7 +4,9 @@ Each example is one turn of a real FrozenLake game on OPCD's boards, rendered ex
 renders it (:class:`lightning_ctx.rollout_episodes.PerTurnFormat`, history of actions): the prompt holds the
 TextArena texts of the game so far (earlier moves drawn from a mix of the two players and a random one, so the
 base has seen the states a student wanders into) and, in most examples, an experience; the target is the reply of
-the player that experience calls for. Loss on the reply tokens and the end-of-turn token only.
+the player that experience calls for. The loss covers every token of the example by default (predicting the next
+board and position report teaches the geometry the replies need), the reply and its end of turn only with
+``--reply-only``.
 
 Command line: ``lightning-ctx pretrain-games --out DIR --seed 0`` (see ``--help``).
 """
@@ -38,7 +40,7 @@ from lightning_ctx.tasks.games.env import NO_ACTION, TextGame
 from lightning_ctx.tasks.games.frozenlake_base import players as P
 from lightning_ctx.tasks.games.frozenlake_base.evaluate import EXPERIENCES, base_report
 from lightning_ctx.tasks.games.frozenlake_base.model import build_games_model
-from lightning_ctx.tasks.games.frozenlake_base.tokenizer import ENV_ID, build_games_tokenizer
+from lightning_ctx.tasks.games.frozenlake_base.tokenizer import ENV_ID, build_games_tokenizer, save_games_tokenizer
 from lightning_ctx.tasks.games.task import env_kwargs_for, split_seeds
 
 RANDOM = "random"
@@ -235,7 +237,7 @@ def pretrain_games(output_dir: str | Path, seed: int = 0, progress: bool = True,
     evaluation = base_report(model, tokenizer, n_games=hp["eval_games"], seed=seed)
     eval_seconds = time.perf_counter() - t1
     model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    save_games_tokenizer(tokenizer, output_dir)  # portable across transformers 4.56 / 5.x
     args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if v != DEFAULTS[k]]
     report = {
         "command": command or shlex.join(["lightning-ctx", "pretrain-games", "--out", str(output_dir), "--seed",

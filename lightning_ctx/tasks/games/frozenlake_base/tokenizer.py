@@ -1,19 +1,21 @@
 """The game base's word-level tokenizer and Qwen3-style chat template.
 
 Every whitespace-separated word of the real per-turn prompts is one token, and so is every row of a board TextArena
-draws, with the lines around it that say which row it is: the first row with the ``Board:`` header and the top line
-(``Board:\n\n+-----+-----+-----+\n|  P  |     |  H  |``), a middle row with the line above it, the last row with
-the lines above and below it. A row token says which column holds what and which row it is, so the base reads where
-the player and the holes are off single tokens. Measured (400 pretraining steps, held-out pass rate with the built-in
-experience, sampled): boards split into words lose their empty cells and the base never learned to play (0.20);
-rows as plain ``|...|`` tokens gave 0.30 to 0.91 depending on the seed and the width, whole boards as one token
-(114 of them, each seen rarely) 0.25. The texts (:func:`vocabulary_words`): TextArena FrozenLake's rules, boards,
-move reports and invalid-move warnings (collected by playing real games, :func:`vocabulary_words`), our
-``TurnPrompt`` (preamble, experience block, history lines, question), the experience notes and the players'
-replies. The chat template is the tiny Qwen3 stand-in's (:data:`lightning_ctx.models.tiny.QWEN3_TEMPLATE`: ChatML,
-``enable_thinking: false`` writes an empty reasoning block into the generation prompt). ``<|im_end|>`` ends a turn
-(eos), ``<|endoftext|>`` pads, ``[UNK]`` exists only so that a foreign word cannot crash the tokenizer
-(tests/tasks/games/test_frozenlake_base.py checks that real prompts never produce it).
+draws (``|  P  |     |  H  |``: one token per content of the three cells, all 64 in the vocabulary), so the base
+reads where the player and the holes are off a few tokens. Measured (400 pretraining steps, seed 0, held-out pass
+rate with the built-in experience, sampled, 128 games): boards split into words lose their empty cells and the base
+never learned to play (0.20); whole boards as one token (114 of them, each seen rarely) 0.25; rows with the lines
+around them as tokens (a row token that also says which row it is) 0.78; plain row tokens, the shipped design, 0.91
+(0.30 at other widths and seeds: the report in lightning_ctx/assets/games_base/ is the one to trust). The texts
+(:func:`vocabulary_words`): TextArena FrozenLake's rules, boards, move reports and invalid-move warnings (collected
+by playing real games), our ``TurnPrompt`` (preamble, experience block, history lines, question), the experience
+notes and the players' replies. The chat template is the tiny Qwen3 stand-in's
+(:data:`lightning_ctx.models.tiny.QWEN3_TEMPLATE`: ChatML, ``enable_thinking: false`` writes an empty reasoning
+block into the generation prompt). ``<|im_end|>`` ends a turn (eos), ``<|endoftext|>`` pads, ``[UNK]`` exists only
+so that a foreign word cannot crash the tokenizer (tests/tasks/games/test_frozenlake_base.py checks that real prompts
+never produce it). ``save_games_tokenizer``
+writes the portable folder (:func:`lightning_ctx.models.pretraining.save_portable_tokenizer`) that transformers 4.56
+and 5.x both load.
 """
 
 from __future__ import annotations
@@ -32,11 +34,25 @@ ROLES = ("system", "user", "assistant")
 #: for a reply without one.
 VOCAB_MOVES = ("[up]", "[down]", "[left]", "[right]", "[w]", "[a]", "[s]", "[d]", "[no valid action]")
 CORPUS_SEEDS = 8  # games per probe script
-#: A board's first row with the header and the top line; its last row with the lines around it (a blank line or the
-#: end of the text follows); another row with the line above it; else a run of non-space characters.
-WORD_PATTERN = (r"Board:\n\n\+[-+]+\+\n\|[^\n]*\||\+[-+]+\+\n\|[^\n]*\|\n\+[-+]+\+(?=\n\n|\Z)"
-                r"|\+[-+]+\+\n\|[^\n]*\||\S+")
+#: A board row (``|`` to ``|`` on one line), else a run of non-space characters.
+WORD_PATTERN = r"\|[^\n]*\||\S+"
+#: Every row a 3x3 board can draw: each cell empty, the player, a hole or the goal.
+ROW_TEXTS = tuple("|" + "|".join(f"  {c}  " for c in cells) + "|" for cells in itertools.product(" PHG", repeat=3))
 BOARD_SEEDS = 400  # training seeds searched for the boards (OPCD's 19 are all among the first 85)
+MODEL_MAX_LENGTH = 1024
+# No token_type_ids: PreTrainedTokenizerFast's default in transformers 4.x would return them.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+#: ``tokenizer_config.json`` of a saved game tokenizer: keys both transformers 4.56+ and 5.x read.
+PORTABLE_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "eos_token": FAMILIES["qwen3"]["eos"],
+    "pad_token": FAMILIES["qwen3"]["pad"],
+    "unk_token": UNK,
+    "additional_special_tokens": list(SPECIALS),
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": MODEL_MAX_LENGTH,
+    "model_input_names": MODEL_INPUT_NAMES,
+}
 
 
 def _static_texts() -> list[str]:
@@ -48,7 +64,7 @@ def _static_texts() -> list[str]:
     board = oracle.FrozenLakeBoard(3, frozenset({(1, 1), (2, 0)}), (2, 2), (0, 0), 100)
     texts += [P.reply_text(p, board, cell, m.strip("[]"), thinking) for p in P.PLAYERS for m in VOCAB_MOVES[:4]
               for thinking in (True, False) for cell in itertools.product(range(3), repeat=2)]
-    texts += list(VOCAB_MOVES) + list(ROLES) + [P.THINK_OPEN, P.THINK_CLOSE]
+    texts += list(VOCAB_MOVES) + list(ROLES) + [P.THINK_OPEN, P.THINK_CLOSE] + list(ROW_TEXTS)
     return texts
 
 
@@ -133,6 +149,13 @@ def build_games_tokenizer(words: list[str] | None = None):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=UNK, eos_token=qwen3["eos"],
                                   pad_token=qwen3["pad"], additional_special_tokens=list(SPECIALS),
                                   chat_template=QWEN3_TEMPLATE, clean_up_tokenization_spaces=False,
-                                  model_max_length=1024)
+                                  model_max_length=MODEL_MAX_LENGTH, model_input_names=MODEL_INPUT_NAMES)
     assert tok.pad_token_id != tok.eos_token_id
     return tok
+
+
+def save_games_tokenizer(tokenizer, output_dir) -> None:
+    """Write ``tokenizer`` (a ``build_games_tokenizer()``) in the portable format (module docstring)."""
+    from lightning_ctx.models.pretraining import save_portable_tokenizer
+
+    save_portable_tokenizer(tokenizer, output_dir, PORTABLE_TOKENIZER_CONFIG)
