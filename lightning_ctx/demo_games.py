@@ -85,20 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         rows += demo_rows(run_ids, seed)
         plots.append(plot_runs({LABELS[a]: rid for a, rid in run_ids.items()},
                                Path(args.out) / f"games-pass-s{seed}.png", CURVES,
-                               f"FrozenLake game world, seed {seed}: pass rates over steps", "pass_rates"))
+                               f"FrozenLake game world, seed {seed}: pass rates and harm over steps", "pass_rates"))
     print(f"\nBuilt-in experience into the built-in game base; sampled evaluation (temperature 0.7, top-p 0.8, "
           f"top-k 20) on the same held-out games at every row; total {time.time() - start:.0f} s\n")
-    print(format_table(rows, COLUMNS, width=14))
-    print("\nharm = share of games won without the experience that are lost when it is given back; reply = tokens per "
-          "reply; pass_oracle / pass_random = the exact solver / a random legal player on the same games.")
+    print(format_table(rows, COLUMNS, width=15))
+    print("\nharm = share of games won without the experience that are lost when it is given back; turns = moves per "
+          "game; invalid = invalid moves per move; reply = student tokens per move, without / with the experience; "
+          "pass_oracle / pass_random = the exact solver / a random legal player on the same games. No retention "
+          "column: the game world has one context, the experience.")
     for seed in args.seeds:
         base = next(m for label, s, m in rows if label == "base" and s == seed)
         for label, s, m in rows:
             if s == seed and label != "base":
                 print(f"seed {seed}, {label}: pass_no_ctx {base['pass_no_ctx']:.3f} -> {m['pass_no_ctx']:.3f} "
                       f"({m['pass_no_ctx'] - base['pass_no_ctx']:+.3f})")
-    print(f"Pass rates over steps, both methods on one plot: {', '.join(map(str, plots))} (also in each run)")
-    print("Runs are in ./mlruns: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    print(f"Pass rates and harm over steps, all methods on one plot: {', '.join(map(str, plots))} (also in each run)")
+    print(f"\nRuns are in ./mlruns, experiment {args.experiment!r}; each holds its student as the artifact model/.")
+    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
+    print(f"  .venv/bin/lightning-ctx compare --experiment {args.experiment}")
     return 0
 
 
