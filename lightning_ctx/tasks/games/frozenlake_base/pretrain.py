@@ -280,18 +280,34 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: One line per pretraining setting for ``--help``.
+SETTING_HELP = {
+    "layers": "transformer blocks", "width": "hidden size", "heads": "attention heads",
+    "rope_theta": "rotary embedding base", "max_steps": "optimizer steps", "batch_size": "turns per step",
+    "lr": "peak AdamW learning rate (cosine decay)", "weight_decay": "AdamW weight decay on the matrices",
+    "warmup_steps": "linear warm-up steps", "p_none": "share of examples without an experience",
+    "p_builtin": "share of examples with the built-in experience (the rest: random sets of notes)",
+    "p_thinking": "share of examples in the template's thinking mode (the rest: enable_thinking false)",
+    "reply_only": "loss on the reply only (default: every token of the example)",
+    "eval_games": "held-out games in the final report", "threads": "torch threads (0 = leave as is)",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="lightning-ctx pretrain-games",
-                                description="Pretrain the game base (builtin:games) on the scripted FrozenLake "
-                                            "players and print its held-out pass rates.")
+    from lightning_ctx.console import PlainHelpFormatter
+
+    p = argparse.ArgumentParser(prog="lightning-ctx pretrain-games", formatter_class=PlainHelpFormatter,
+                                description="Pretrain the FrozenLake game base (what builtin:games ships) from scratch "
+                                            "on CPU on the scripted players and print its held-out pass rates.")
     p.add_argument("--out", required=True, help="output directory (model, tokenizer, report.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the example stream")
     for key, value in DEFAULTS.items():
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
-            p.add_argument(f"--{key.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=SETTING_HELP[key])
         else:
-            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    p.add_argument("--no-progress", action="store_true")
+            p.add_argument(flag, type=type(value), default=value, help=SETTING_HELP[key])
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     report = pretrain_games(a.out, seed=a.seed, progress=not a.no_progress,
