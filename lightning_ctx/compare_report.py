@@ -242,6 +242,14 @@ def _final_tables(client, runs, metric_prefix: str) -> dict[str, RunTable]:
     return {rid: t for rid, t in found.items() if t is not None}
 
 
+def _method_source(method_key: str) -> str:
+    """What names the method in the header: the default key also reads the retain weight and, for runs without the
+    on-policy term, their extra terms (:func:`lightning_ctx.compare._method_label`)."""
+    if method_key != DEFAULT_METHOD_KEY:
+        return method_key
+    return f"{method_key} (+ retain_weight; extra terms when opd_weight is 0)"
+
+
 def compare_main(argv: list[str]) -> int:
     """``lightning-ctx compare``: select runs, group, print the table, write outputs. Exit 1 if nothing matches."""
     import sys
@@ -328,7 +336,7 @@ def compare_main(argv: list[str]) -> int:
         f"mean of the {args.best_k} best evaluation steps (from step {args.best_min_step}"
         + (f", chosen by {args.best_by}" if args.best_by else ", each metric its own") + ") of")
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
-              f"method from {args.method_key}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
+              f"method from {_method_source(args.method_key)}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
     if result["n_with_tables"]:
         header.append(f"[lo, hi]: 95% bootstrap interval over items ({result['n_with_tables']} of {result['n_runs']} "
                       "runs have their final per-example table); Δ rows: the paired interval of the difference "

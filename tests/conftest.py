@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -81,3 +82,20 @@ def tiny_qwen3(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_qwen3")
     return str(save_tiny_checkpoint(root / "qwen3", "qwen3", seed=3, extra_words=GAME_WORDS, max_positions=16384))
+
+
+@pytest.fixture
+def outside_package(tmp_path, monkeypatch):
+    """``install(name, source)``: a module importable as ``name`` that lives outside the package (a user's own
+    plugin), removed from ``sys.modules`` again after the test."""
+    names = []
+
+    def install(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        names.append(name)
+        return name
+
+    yield install
+    for name in names:
+        sys.modules.pop(name, None)

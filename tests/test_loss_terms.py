@@ -2,7 +2,6 @@
 and OPCD's off-policy baseline (a term on the teacher's rollout) is the first such term."""
 
 import math
-import sys
 import textwrap
 
 import mlflow
@@ -38,12 +37,8 @@ EXTERNAL = textwrap.dedent('''
 
 
 @pytest.fixture
-def external_package(tmp_path, monkeypatch):
-    (tmp_path / "extterms").mkdir()
-    (tmp_path / "extterms" / "__init__.py").write_text(EXTERNAL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "extterms.SquaredLogit"
-    sys.modules.pop("extterms", None)
+def external_package(outside_package):
+    return outside_package("extterms", EXTERNAL) + ".SquaredLogit"
 
 
 def _logp(model, ids):

@@ -7,7 +7,6 @@ term, and a knob with its range. It fits through the CLI on a tiny model; the ru
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import mlflow
@@ -78,12 +77,8 @@ FAST = ["--model.max_new_tokens", "4", "--trainer.max_steps", "2", "--trainer.en
 
 
 @pytest.fixture
-def toy_package(tmp_path, monkeypatch):
-    (tmp_path / "toytasks").mkdir()
-    (tmp_path / "toytasks" / "__init__.py").write_text(TOY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "toytasks.ReverseTask"
-    sys.modules.pop("toytasks", None)
+def toy_package(outside_package):
+    return outside_package("toytasks", TOY) + ".ReverseTask"
 
 
 def _config(tmp_path, class_path: str) -> Path:

@@ -290,8 +290,10 @@ def test_a_config_of_the_old_data_shape_is_told_the_new_one(tmp_path, mlflow_uri
     line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", str(old)]), str(old))
     assert "the task now goes under data.task" in line and "WorldTask" in line
     line = _expect_user_error(capsys, mlflow_uri, lambda: main(["fit", "--config", "builtin:world.yaml",
-                                                                "--data.init_args.target_context", "ADD2"]))
+                                                                "--data.init_args.target_context", "ADD2",
+                                                                "--data.init_args.batch_size", "8"]))
     assert "the task now goes under data.task" in line
+    assert "write data.task.target_context, data.batch_size;" in line  # each old flag's new name
 
 
 def test_knob_checks_accept_what_is_valid():

@@ -78,11 +78,22 @@ OLD_DATA_SHAPE = ("the task now goes under data.task ({class_path: lightning_ctx
                   "max_prompt_length, ...) directly under data; see docs/design.md, \"Data\"")
 
 
+def _new_data_knob(name: str) -> str:
+    """Where an old ``data.init_args.<name>`` lives now: the loader's own knobs directly under ``data``, the rest
+    under ``data.task``."""
+    import inspect
+
+    return name if name in inspect.signature(TaskDataModule.__init__).parameters else f"task.{name}"
+
+
 def locate_config_error(message: str, argv: list[str]) -> str:
     """Prefix ``message`` with ``file, line N`` when the offending key appears in a ``--config`` file (and say how
     the data section changed when the key is of its old shape)."""
     message = " ".join(message.split())
     hint = f" ({OLD_DATA_SHAPE})" if re.search(r"data\.(init_args|class_path)|DataModule", message) else ""
+    old_knobs = dict.fromkeys(re.findall(r"data\.init_args\.(\w+)", message))
+    if old_knobs:
+        hint = f" (write {', '.join('data.' + _new_data_knob(k) for k in old_knobs)}; {OLD_DATA_SHAPE})"
     for key in re.findall(r"""['"]([A-Za-z_][\w.]*)['"]""", message):
         where = locate_key(key, argv, leaf_fallback=True)
         if where is not None and where[1] is not None:

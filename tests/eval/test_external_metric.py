@@ -34,11 +34,9 @@ SOURCE = textwrap.dedent('''
 
 
 @pytest.fixture
-def outside_module(tmp_path, monkeypatch):
-    (tmp_path / f"{MODULE}.py").write_text(SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield MODULE
-    mod = sys.modules.pop(MODULE, None)
+def outside_module(outside_package):
+    yield outside_package(MODULE, SOURCE)
+    mod = sys.modules.get(MODULE)
     if mod is not None:
         from lightning_ctx.eval.registry import REMOVABILITY
 
