@@ -336,7 +336,8 @@ def compare_main(argv: list[str]) -> int:
         f"mean of the {args.best_k} best evaluation steps (from step {args.best_min_step}"
         + (f", chosen by {args.best_by}" if args.best_by else ", each metric its own") + ") of")
     header = [f"{result['n_runs']} runs from {uri}; grouped by {', '.join(group_by) or '(nothing)'}; "
-              f"method from {_method_source(args.method_key)}; {which} {args.metric_prefix}* metrics, mean ± std over seeds."]
+              f"method from {_method_source(args.method_key)}; {which} {args.metric_prefix}* metrics, "
+              "mean ± std over seeds."]
     if result["n_with_tables"]:
         header.append(f"[lo, hi]: 95% bootstrap interval over items ({result['n_with_tables']} of {result['n_runs']} "
                       "runs have their final per-example table); Δ rows: the paired interval of the difference "
