@@ -16,6 +16,8 @@ LOCK_ARGS = $(if $(LOCK),-c $(LOCK))
 # The runtime-only install (`make install-min`: what `lightning-ctx fit/compare/export` and `make demo` need, no
 # dev/games extras) has its own stamp; a full install that is fresh serves it too.
 STAMP_RUNTIME := $(VENV)/.installed-runtime
+# The runtime plus the games extra (TextArena): what `make demo-games` needs; a full install that is fresh serves it.
+STAMP_GAMES := $(VENV)/.installed-games
 
 # uv resolves (never installs torch): the lock, the minimums and the co-install check. It sees the wheel pip
 # installs torch from (pip's find-links, e.g. a local CPU build) and is pinned to the exact torch installed, so
@@ -41,7 +43,7 @@ COMPAT_TESTS ?= tests/tasks/world/test_tokenizer_asset.py tests/tasks/world/test
 # GPU stacks we must install beside (scripts/coinstall.py): resolution only, no download.
 COINSTALL ?= vllm==0.33.0 sglang==0.5.23 trl[vllm]
 
-.PHONY: install install-min test demo bench lock test-min test-compat coinstall clean
+.PHONY: install install-min test demo demo-games bench lock test-min test-compat coinstall clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +67,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK) | $(PY)
 # bitsandbytes or TextArena); `make test` adds the rest later.
 define install_runtime
 	$(1) -m pip install $(2) "$(TORCH_SPEC)"
-	$(1) -m pip install $(2) -e .
+	$(1) -m pip install $(2) -e .$(3)
 endef
 
 install-min: | $(PY)
@@ -80,11 +82,19 @@ $(STAMP_RUNTIME): pyproject.toml Makefile $(LOCK) | $(PY)
 	$(if $(full_install_current),@echo "the full install in $(VENV) is current",$(call install_runtime,$(PY),$(LOCK_ARGS)))
 	touch $@
 
+$(STAMP_GAMES): pyproject.toml Makefile $(LOCK) | $(PY)
+	$(if $(full_install_current),@echo "the full install in $(VENV) is current",$(call install_runtime,$(PY),$(LOCK_ARGS),'[games]'))
+	touch $@
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP_RUNTIME)
 	$(PY) -m lightning_ctx.demo
+
+# The game family on the built-in game base: OPD and anchored OPD on TextArena FrozenLake (docs/results.md).
+demo-games: $(STAMP_GAMES)
+	$(PY) -m lightning_ctx.demo_games
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py

@@ -27,19 +27,28 @@ LABELS = {"opd": "OPD", "anchored": "anchored", "retain": "anchored + retain"}
 COLUMNS = ("acc_no_ctx", "acc_ctx", "harm", "help", "len_no_ctx", "len_ctx", "retention")
 
 
+def fit_run(configs: list[str], seed: int, steps: int | None, root: Path, experiment: str, run_name: str,
+            lr: float | None = None, extra: tuple[str, ...] = ()) -> str:
+    """One ``lightning-ctx fit`` of the stacked ``configs`` in this process (``steps`` None: the configs'
+    ``trainer.max_steps``); returns the MLflow run id."""
+    from lightning_ctx.cli import ContextCLI
+
+    args = ["fit"] + [a for c in configs for a in ("--config", c)]
+    args += ["--trainer.max_steps", str(steps)] if steps is not None else []
+    cli = ContextCLI(args=[*args, "--seed_everything", str(seed),
+                           "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
+                           "--trainer.logger.init_args.experiment_name", experiment,
+                           "--trainer.logger.init_args.run_name", run_name,
+                           *(["--model.lr", str(lr)] if lr is not None else []), *extra],
+                     print_summary=False)  # the demo prints one table for all arms instead
+    return cli.trainer.logger.run_id
+
+
 def run_arm(arm: str, target: str, seed: int, steps: int, root: Path, experiment: str,
             lr: float | None = None) -> str:
     """One ``fit`` of the world task with ``arm``'s method config; returns the MLflow run id."""
-    from lightning_ctx.cli import ContextCLI
-
-    cli = ContextCLI(args=["fit", "--config", TASK, "--config", ARMS[arm], "--seed_everything", str(seed),
-                           "--data.task.target_context", target, "--trainer.max_steps", str(steps),
-                           "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false",
-                           "--trainer.logger.init_args.experiment_name", experiment,
-                           "--trainer.logger.init_args.run_name", f"world-{arm}-{target}-s{seed}",
-                           *(["--model.lr", str(lr)] if lr is not None else [])],
-                     print_summary=False)  # the demo prints one table for all arms instead
-    return cli.trainer.logger.run_id
+    return fit_run([TASK, ARMS[arm]], seed, steps, root, experiment, f"world-{arm}-{target}-s{seed}", lr,
+                   ("--data.task.target_context", target))
 
 
 def final_metrics(run_id: str) -> dict[str, float]:
@@ -63,26 +72,35 @@ def metric_curves(run_id: str, metrics=("harm", "retention")) -> dict[str, list[
     return out
 
 
-def plot_tradeoff(run_ids: dict[str, str], target: str, seed: int, out_dir: Path) -> Path:
-    """Harm and retention over steps of every arm on one figure; saved under ``out_dir`` and logged to each run."""
+def plot_runs(run_ids: dict[str, str], path: Path, metrics: tuple[str, ...], title: str,
+              artifact_dir: str = "tradeoff") -> Path:
+    """``metrics`` over steps of every run (``{label: run id}``) on one figure, one panel per metric; saved to
+    ``path`` and logged to each run under ``artifact_dir``."""
     from mlflow.tracking import MlflowClient
 
     from lightning_ctx.eval.artifacts import plot_method_curves
 
-    path = plot_method_curves(out_dir / f"tradeoff-{target.replace(' ', '_')}-s{seed}.png",
-                              {LABELS[arm]: metric_curves(rid) for arm, rid in run_ids.items()},
-                              title=f"{target}, seed {seed}: harm and retention over steps")
+    path = plot_method_curves(path, {label: metric_curves(rid, metrics) for label, rid in run_ids.items()},
+                              metrics=metrics, title=title)
     for run_id in run_ids.values():
-        MlflowClient().log_artifact(run_id, str(path), "tradeoff")
+        MlflowClient().log_artifact(run_id, str(path), artifact_dir)
     return path
 
 
-def format_table(rows: list[tuple[str, int, dict[str, float]]]) -> str:
-    head = f"{'arm':<10}{'seed':>5}" + "".join(f"{c:>12}" for c in COLUMNS)
+def plot_tradeoff(run_ids: dict[str, str], target: str, seed: int, out_dir: Path) -> Path:
+    """Harm and retention over steps of every arm on one figure; saved under ``out_dir`` and logged to each run."""
+    return plot_runs({LABELS[arm]: rid for arm, rid in run_ids.items()},
+                     out_dir / f"tradeoff-{target.replace(' ', '_')}-s{seed}.png", ("harm", "retention"),
+                     f"{target}, seed {seed}: harm and retention over steps")
+
+
+def format_table(rows: list[tuple[str, int, dict[str, float]]], columns: tuple[str, ...] = COLUMNS,
+                 width: int = 12, label_width: int = 10) -> str:
+    head = f"{'arm':<{label_width}}{'seed':>5}" + "".join(f"{c:>{width}}" for c in columns)
     lines = [head, "-" * len(head)]
     for arm, seed, m in rows:
-        cells = "".join(f"{m.get(c, math.nan):>12.3f}" for c in COLUMNS)
-        lines.append(f"{arm:<10}{seed:>5}{cells}")
+        cells = "".join(f"{m.get(c, math.nan):>{width}.3f}" for c in columns)
+        lines.append(f"{arm:<{label_width}}{seed:>5}{cells}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """``lightning-ctx``: LightningCLI (``fit``, ``validate``, ``test``) plus the commands of :data:`EXTRA_COMMANDS`
-(``export``, ``compare``, ``ui``, ``extract``, ``pretrain-world``); ``lightning-ctx --help`` lists them all.
+(``export``, ``compare``, ``ui``, ``extract``, ``pretrain-world``, ``pretrain-games``); ``lightning-ctx --help`` lists
+them all.
 
 Config composition lives in :mod:`lightning_ctx.cli.compose`, locating config errors and the knob checks in
 :mod:`lightning_ctx.cli.locate`, ``--ckpt_path`` (which checkpoint, which run, which ``--model.*`` values) in
@@ -237,6 +238,7 @@ class ContextCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "compare": "lightning_ctx.compare_report:compare_main",
     "pretrain-world": "lightning_ctx.tasks.world.pretrain:main",
+    "pretrain-games": "lightning_ctx.tasks.games.frozenlake_base.pretrain:main",
     "extract": "lightning_ctx.tasks.games.extract:extract_main",
     "export": "lightning_ctx.export:export_main",
     "ui": "lightning_ctx.cli.ui:ui_main",
@@ -252,6 +254,7 @@ DESCRIPTIONS = {
     "ui": "the MLflow UI on ./mlruns (a moved or copied store is re-rooted first)",
     "extract": "a text game's experience, written by the model from its own games (OPCD's extraction)",
     "pretrain-world": "retrain the built-in rule-world base model (builtin:world)",
+    "pretrain-games": "retrain the built-in FrozenLake game base model (builtin:games)",
 }
 
 

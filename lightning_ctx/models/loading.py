@@ -1,6 +1,7 @@
 """Loading students and teachers: local paths (or an HF cache), no implicit downloads.
 
-``builtin:world`` names the embedded rule-world base model shipped in the package.
+``builtin:world`` names the embedded rule-world base model shipped in the package, ``builtin:games`` the FrozenLake
+game base (lightning_ctx/tasks/games/frozenlake_base/).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Models shipped inside the package (``model.student: builtin:world``).
-BUILTIN_MODELS = {"world": Path(__file__).resolve().parent.parent / "assets" / "world_base"}
+BUILTIN_MODELS = {"world": Path(__file__).resolve().parent.parent / "assets" / "world_base",
+                  "games": Path(__file__).resolve().parent.parent / "assets" / "games_base"}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}

@@ -17,6 +17,11 @@ starting experience) is an error, not an empty file. Every update goes to one ML
 ``extract/val_pass`` (candidates only), ``extract/experience_tokens`` at step k, artifacts
 ``update_KKK/experience.txt``, ``update_KKK/prompt.txt``, ``update_KKK/games.json``; ``extract/best_update`` and
 ``extract/best_val_pass`` at the end, and ``best_experience.txt``.
+
+``--writer template`` replaces the model's writing step by a scripted, template-filling writer for the built-in game
+base (``builtin:games``, which plays but cannot write prose): it reads the same writing prompt and fills in the notes
+that base was pretrained to read (:mod:`lightning_ctx.tasks.games.frozenlake_base.writer`), so extraction,
+distillation and evaluation run as one CPU pipeline.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lightning_ctx.tasks.games.evaluate import pass_rate
 from lightning_ctx.tasks.games.task import SPLIT_OFFSETS, env_kwargs_for
 
 MODES = ("accumulate", "revise")
+WRITERS = ("model", "template")
 
 ACCUMULATE_PROMPT = """You keep notes of experience for playing the text game {game}, and you improve them after
 every game. Below are the notes so far and the transcript of a game you just played without them: each round's
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="accumulate",
                    help="accumulate: OPCD's procedure (games without the experience, notes appended); revise: "
                         "games with the best experience, the notes rewritten")
+    p.add_argument("--writer", choices=WRITERS, default="model",
+                   help="who writes the notes: the model (greedy, from the writing prompt) or a scripted template "
+                        "writer for the built-in game base, which cannot write prose (it fills in the notes that base "
+                        "was pretrained to read from the outcomes in the same prompt: "
+                        "lightning_ctx/tasks/games/frozenlake_base/writer.py)")
     p.add_argument("--updates", type=int, default=32, help="experience updates")
     p.add_argument("--games", type=int, default=1, help="training games played per update (OPCD: 1)")
     p.add_argument("--eval-every", type=int, default=4, help="score a candidate every N updates")
@@ -275,6 +286,10 @@ def extract_main(argv: Sequence[str]) -> int:
     fmt = build_format(a.episode_format, ChatFormat(tokenizer, [tokenizer.eos_token_id], enable_thinking=thinking))
     play, write = _model_samplers(model, tokenizer, eos_ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k,
                                   a.write_max_new_tokens, fmt)
+    if a.writer == "template":
+        from lightning_ctx.tasks.games.frozenlake_base.writer import TemplateWriter
+
+        write = TemplateWriter()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(a.experiment)
     with mlflow.start_run(run_name=a.run_name or f"extract-{a.env_id}") as run:

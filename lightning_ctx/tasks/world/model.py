@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lightning_ctx.models.loading import BUILTIN_MODELS
+from lightning_ctx.models.pretraining import count_parameters  # noqa: F401 -- re-exported (tests, notebooks)
 from lightning_ctx.tasks.world.tokenizer import MAX_NEW_TOKENS, build_world_tokenizer
 
 WORLD_BASE_DIR = BUILTIN_MODELS["world"]
@@ -60,10 +61,6 @@ def build_world_model(tokenizer=None, seed: int | None = None, **config_kwargs):
         do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
     )
     return model
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
 
 
 def load_world_base(path: str | Path = WORLD_BASE_DIR):

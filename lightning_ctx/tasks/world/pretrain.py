@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import shlex
 import sys
@@ -23,9 +21,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_ctx.models.pretraining import (
+    CausalLMPretraining,
+    collate_prompt_answer,
+    count_parameters,
+    loadavg,
+    machine_report,
+    pretrain_trainer,
+)
 from lightning_ctx.tasks.world import rules as W
 from lightning_ctx.tasks.world.evaluate import evaluate_world_model, no_context_report
-from lightning_ctx.tasks.world.model import build_world_model, count_parameters
+from lightning_ctx.tasks.world.model import build_world_model
 from lightning_ctx.tasks.world.tokenizer import (
     answer_ids,
     build_world_tokenizer,
@@ -92,15 +98,7 @@ class WorldBatches(torch.utils.data.IterableDataset):
         return self._prompt(context, i), self._answer(answer)
 
     def collate(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(p) + len(a) for p, a in pairs)
-        pad = self.tokenizer.pad_token_id
-        ids, labels, mask = [], [], []
-        for p, a in pairs:
-            fill = width - len(p) - len(a)
-            ids.append(p + a + [pad] * fill)
-            labels.append([-100] * len(p) + a + [-100] * fill)
-            mask.append([1] * (len(p) + len(a)) + [0] * fill)
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+        return collate_prompt_answer(pairs, self.tokenizer.pad_token_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(f"lightning_ctx.world.pretrain/{self.seed}")
@@ -112,42 +110,18 @@ class WorldBatches(torch.utils.data.IterableDataset):
 # Lightning module
 # --------------------------------------------------------------------------------------------------
 
-class WorldPretrainModule(pl.LightningModule):
+class WorldPretrainModule(CausalLMPretraining):
     """Pretrains the world model: next-token loss on answer + ``<eot>`` tokens, AdamW, warmup + cosine."""
 
     def __init__(self, arch: str = "qwen2", layers: int = 3, width: int = 96, heads: int = 4,
                  intermediate: int | None = None, lr: float = 5e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 100, max_steps: int = 1600, min_lr_ratio: float = 0.05, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
-        self.tokenizer = build_world_tokenizer()
-        self.model = build_world_model(self.tokenizer, seed=seed, arch=arch, layers=layers, width=width, heads=heads,
-                                       intermediate=intermediate)
-
-    def forward(self, **batch):
-        return self.model(**batch)
-
-    def training_step(self, batch, batch_idx):
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
-        return out.loss
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.98))
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            t = min(1.0, (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        tokenizer = build_world_tokenizer()
+        model = build_world_model(tokenizer, seed=seed, arch=arch, layers=layers, width=width, heads=heads,
+                                  intermediate=intermediate)
+        super().__init__(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
+                         min_lr_ratio=min_lr_ratio)
+        self.tokenizer = tokenizer
 
 
 #: Tuned so that every context reaches >= 99% greedy accuracy on held-out inputs and the no-context
@@ -181,30 +155,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _loss_printer(every: int):
-    class PrintLoss(pl.Callback):
-        """Plain-text loss lines (for logs, when the progress bar is off)."""
-
-        def __init__(self):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step
-            if step % every == 0 or step == trainer.max_steps:
-                loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-                print(f"step {step:5d}/{trainer.max_steps}  loss {loss:.4f}  {time.perf_counter() - self.t0:6.1f}s",
-                      flush=True)
-
-    return PrintLoss()
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", max_steps: int = DEFAULTS["max_steps"],
                    batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"], progress: bool = True,
                    layers: int = DEFAULTS["layers"], width: int = DEFAULTS["width"], heads: int = DEFAULTS["heads"],
@@ -215,7 +165,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
                    command: str | None = None) -> dict[str, Any]:
     """Pretrain a world base, save it (safetensors + tokenizer + report.json) to ``output_dir``, return the report."""
     t0 = time.perf_counter()
-    load_start = _loadavg()
+    load_start = loadavg()
     if threads:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
@@ -225,9 +175,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
                                  weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, seed=seed)
     data = WorldBatches(module.tokenizer, batch_size=batch_size, seed=seed, p_no_context=p_no_context)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,
-                         log_every_n_steps=50, callbacks=[] if progress else [_loss_printer(max(1, max_steps // 20))])
+    trainer = pretrain_trainer(max_steps, progress)
     trainer.fit(module, train_dataloaders=loader)
     train_seconds = time.perf_counter() - t0
 
@@ -237,9 +185,6 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
     model.save_pretrained(str(output_dir))
     save_world_tokenizer(tokenizer, output_dir)  # portable across transformers 4.56 / 5.x
     total_seconds = time.perf_counter() - t0
-
-    import lightning
-    import transformers
 
     report = {
         "command": command or _command(output_dir, seed, arch=arch, layers=layers, width=width, heads=heads,
@@ -265,12 +210,7 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
         "no_context": nc,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(total_seconds, 1),
-        "hardware": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                     "machine": platform.machine(), "processor": platform.processor() or None,
-                     "loadavg_1min_start": load_start, "loadavg_1min_end": _loadavg(),
-                     "note": "wall times depend on other processes sharing the CPUs (see loadavg)"},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "lightning": lightning.__version__, "python": platform.python_version()},
+        **machine_report(load_start),
     }
     write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -14,7 +14,6 @@ installed transformers: 5.x's (``TokenizersBackend``, ``extra_special_tokens`` a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning_ctx.tasks.world import rules as W
@@ -89,12 +88,9 @@ def build_world_tokenizer():
 
 def save_world_tokenizer(tokenizer, output_dir: str | Path) -> None:
     """Write ``tokenizer`` (a ``build_world_tokenizer()``) in the portable format (module docstring)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(output_dir / "tokenizer.json"))
-    (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
-    config = json.dumps(PORTABLE_TOKENIZER_CONFIG, indent=2, ensure_ascii=False)
-    (output_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
+    from lightning_ctx.models.pretraining import save_portable_tokenizer
+
+    save_portable_tokenizer(tokenizer, output_dir, PORTABLE_TOKENIZER_CONFIG)
 
 
 def render_messages(context: str | None, prompt: str) -> list[dict[str, str]]:
