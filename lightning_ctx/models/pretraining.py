@@ -128,3 +128,29 @@ def save_portable_tokenizer(tokenizer, output_dir: str | Path, config: dict[str,
     (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     text = json.dumps(config, indent=2, ensure_ascii=False)
     (output_dir / "tokenizer_config.json").write_text(text + "\n", encoding="utf-8")
+
+
+def check_pretrain_args(a, *, at_least_one: Sequence[str], non_negative: Sequence[str] = (),
+                        fractions: Sequence[str] = ()) -> None:
+    """The arguments of a ``pretrain-*`` command in range, ``--width`` a multiple of ``--heads``, ``--lr`` a positive
+    number and ``--out`` a folder that can be written, before any work: one ConfigError naming the flag."""
+    from lightning_ctx.errors import ConfigError
+    from lightning_ctx.writing import check_output_dir
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in at_least_one:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ConfigError(f"must be >= 1, got {getattr(a, name)}", field=flag(name))
+    for name in non_negative:
+        if getattr(a, name) < 0:
+            raise ConfigError(f"must be >= 0, got {getattr(a, name)}", field=flag(name))
+    for name in fractions:
+        if not 0 <= getattr(a, name) <= 1:
+            raise ConfigError(f"must be between 0 and 1, got {getattr(a, name)}", field=flag(name))
+    if a.width % a.heads:
+        raise ConfigError(f"--width {a.width} must be a multiple of --heads {a.heads}", field="--width")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise ConfigError(f"must be a positive number, got {a.lr}", field="--lr")
+    check_output_dir(a.out, "--out")

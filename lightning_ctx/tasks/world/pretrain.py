@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shlex
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from lightning_ctx.models.pretraining import (
     CausalLMPretraining,
+    check_pretrain_args,
     collate_prompt_answer,
     count_parameters,
     loadavg,
@@ -217,29 +217,10 @@ def pretrain_world(output_dir: str | Path, seed: int = 0, arch: str = "qwen2", m
 
 
 def check_args(a: argparse.Namespace) -> None:
-    """Every argument of ``pretrain-world`` in range, and ``--out`` a folder that can be written, before any work: one
-    ConfigError naming the flag."""
-    from lightning_ctx.errors import ConfigError
-    from lightning_ctx.writing import check_output_dir
-
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
-    for name in ("layers", "width", "heads", "max_steps", "batch_size", "eval_n_per_context"):
-        if getattr(a, name) < 1:
-            raise ConfigError(f"must be >= 1, got {getattr(a, name)}", field=flag(name))
-    for name in ("warmup_steps", "threads", "weight_decay"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"must be >= 0, got {getattr(a, name)}", field=flag(name))
-    if a.intermediate is not None and a.intermediate < 1:
-        raise ConfigError(f"must be >= 1, got {a.intermediate}", field="--intermediate")
-    if a.width % a.heads:
-        raise ConfigError(f"--width {a.width} must be a multiple of --heads {a.heads}", field="--width")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise ConfigError(f"must be a positive number, got {a.lr}", field="--lr")
-    if not 0 <= a.p_no_context <= 1:
-        raise ConfigError(f"must be between 0 and 1, got {a.p_no_context}", field="--p-no-context")
-    check_output_dir(a.out, "--out")
+    """Every argument of ``pretrain-world`` in range and ``--out`` writable, before any work."""
+    check_pretrain_args(a, at_least_one=("layers", "width", "heads", "max_steps", "batch_size", "eval_n_per_context",
+                                         "intermediate"),
+                        non_negative=("warmup_steps", "threads", "weight_decay"), fractions=("p_no_context",))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
+from lightning_ctx.errors import ConfigError
 from lightning_ctx.models.pretraining import (
     CausalLMPretraining,
+    check_pretrain_args,
     collate_prompt_answer,
     count_parameters,
     loadavg,
@@ -42,6 +44,7 @@ from lightning_ctx.tasks.games.frozenlake_base.evaluate import EXPERIENCES, base
 from lightning_ctx.tasks.games.frozenlake_base.model import build_games_model
 from lightning_ctx.tasks.games.frozenlake_base.tokenizer import ENV_ID, build_games_tokenizer, save_games_tokenizer
 from lightning_ctx.tasks.games.task import env_kwargs_for, split_seeds
+from lightning_ctx.writing import write_text
 
 RANDOM = "random"
 PLAYER_LINE = TurnPrompt().player_line  # how the per-turn history shows an earlier move
@@ -264,7 +267,7 @@ def pretrain_games(output_dir: str | Path, seed: int = 0, progress: bool = True,
         "total_seconds": round(time.perf_counter() - t0, 1),
         **machine_report(load_start),
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -309,6 +312,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             p.add_argument(flag, type=type(value), default=value, help=SETTING_HELP[key])
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
+    check_pretrain_args(a, at_least_one=("layers", "width", "heads", "max_steps", "batch_size", "eval_games"),
+                        non_negative=("warmup_steps", "threads", "weight_decay", "rope_theta"),
+                        fractions=("p_none", "p_builtin", "p_thinking"))
+    if a.p_none + a.p_builtin > 1:
+        raise ConfigError(f"--p-none {a.p_none} + --p-builtin {a.p_builtin} must be at most 1", field="--p-builtin")
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     report = pretrain_games(a.out, seed=a.seed, progress=not a.no_progress,
                             command=shlex.join(["lightning-ctx", "pretrain-games", *argv_list]),
