@@ -91,6 +91,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # every run has a checkpoint folder of its own (lightning_ctx.checkpointing): a non-empty one is its own resumed
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # the data position of a resumed run comes from its restored step (TaskDataModule._draws_done), so the
+    # sampler restarts where the interrupted run stood: Lightning's generic doubt does not apply
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     # the tip, and the note that our one-line CompactModelSummary replaces Lightning's default table
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropMessages) for f in rank_zero.filters):
