@@ -69,8 +69,11 @@ def test_a_task_without_splits_and_a_missing_task_are_refused():
 
 
 def test_the_worlds_renamed_evaluation_knobs_still_work_with_a_warning():
-    with pytest.warns(FutureWarning, match="data.task.retention_contexts is renamed data.task.eval_other_contexts"):
+    with pytest.warns(FutureWarning) as said:
         old = WorldTask(retention_contexts=3, retention_items=4)
+    assert sorted(str(w.message).split(";")[0] for w in said) == [  # one warning per old name
+        "data.task.retention_contexts is renamed data.task.eval_other_contexts",
+        "data.task.retention_items is renamed data.task.eval_other_items"]
     assert (old.eval_other_contexts, old.eval_other_items) == (3, 4)
     new = WorldTask(eval_other_contexts=3, eval_other_items=4)
     assert [r.id for r in old.eval_other_records("val")] == [r.id for r in new.eval_other_records("val")]
