@@ -251,12 +251,28 @@ def _summary_verb(metric: str) -> str:
     return {1: f"{metric} improved", -1: f"{metric} reduced", 0: f"|{metric}| reduced"}[d]
 
 
+#: Loss weights a resume may change (logged as ``resumed/<name>``): a run trained under two methods says so.
+METHOD_WEIGHTS = ("opd_weight", "anchor_weight", "retain_weight")
+
+
+def _resumed_with(run) -> str:
+    """`` (resumed with anchor_weight 0.5)`` for a run whose loss weights changed at a resume, else ``""``: such a run
+    is its own row, never pooled with the method it started as."""
+    params = run.data.params
+    changed = [f"{name} {params[f'resumed/{name}']}" for name in METHOD_WEIGHTS if f"resumed/{name}" in params]
+    return f" (resumed with {', '.join(changed)})" if changed else ""
+
+
 def _method_label(run, method_key: str, label: str) -> str:
     """When methods are told apart by the anchor weight: ``label`` + ``" + retain"`` for a run with the retention
     term; a run without the on-policy term (``model.opd_weight: 0``) is named by its extra terms (``off-policy
-    CD``)."""
+    CD``); a run whose weights changed at a resume says so (:func:`_resumed_with`)."""
     if method_key != DEFAULT_METHOD_KEY:
         return label
+    return _label_from_weights(run, label) + _resumed_with(run)
+
+
+def _label_from_weights(run, label: str) -> str:
     try:
         if float(run_value(run, "opd_weight") or 1) == 0:  # the config's extra terms: cfg/model.extra_terms.<i>...
             params = run.data.params

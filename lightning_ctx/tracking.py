@@ -284,7 +284,7 @@ class MLflowLogger(MLFlowLogger):
             return super().log_hyperparams(params)
         fresh = {}
         for key, value in flat.items():
-            text = str(value)[:6000]
+            text = str(value)[:250]  # what MLFlowLogger.log_hyperparams stores
             if key not in existing:
                 fresh[key] = value
             elif existing[key] != text and f"resumed/{key}" not in existing:

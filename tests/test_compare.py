@@ -465,7 +465,7 @@ def test_run_table_of_the_sampled_namespace():
 
 def test_a_run_without_the_on_policy_term_is_named_by_its_extra_terms(tmp_path):
     """The off-policy baseline has anchor and retain weights 0 like OPD: compare tells it apart by model.opd_weight
-    0 and its extra term's class."""
+    0 and its extra term's class; a run whose weights changed at a resume is a row of its own."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -479,18 +479,23 @@ def test_a_run_without_the_on_policy_term_is_named_by_its_extra_terms(tmp_path):
     methods = {"opd": {"cfg/model.opd_weight": "1.0"},
                "offp": {"cfg/model.opd_weight": "0.0",
                         "cfg/model.extra_terms.0.class_path": "lightning_ctx.loss.OffPolicyContextDistillation",
-                        "cfg/model.extra_terms.0.init_args.weight": "1.0"}}
+                        "cfg/model.extra_terms.0.init_args.weight": "1.0"},
+               # OPD resumed with the anchor on (its params stay OPD's; the resume logs resumed/<name>)
+               "delayed": {"cfg/model.opd_weight": "1.0", "resumed/anchor_weight": "0.5"}}
+    harms = {"opd": 0.5, "offp": 0.25, "delayed": 0.125}
     for seed in (0, 1):
         for name, extra in methods.items():
             rid = client.create_run(exp).info.run_id
             params = {**base, **extra, "cfg/seed_everything": str(seed)}
-            harm = 0.5 if name == "opd" else 0.25
+            harm = harms[name]
             client.log_batch(rid, metrics=[Metric("eval/harm", harm, 1, 10)],
                              params=[Param(k, v) for k, v in params.items()])
             client.set_terminated(rid)
     runs = client.search_runs([exp])
     result = compare_runs(runs, metrics=["harm"])
     (config,) = result["configs"]
-    assert set(config["methods"]) == {"OPD", "off-policy CD"}
+    assert set(config["methods"]) == {"OPD", "off-policy CD", "OPD (resumed with anchor_weight 0.5)"}
     assert config["methods"]["off-policy CD"]["metrics"]["harm"]["mean"] == 0.25
     assert config["deltas"]["off-policy CD"]["harm"] == pytest.approx(-0.25)
+    assert config["methods"]["OPD"]["metrics"]["harm"]["mean"] == 0.5  # not pooled with the resumed runs
+    assert config["deltas"]["OPD (resumed with anchor_weight 0.5)"]["harm"] == pytest.approx(-0.375)

@@ -211,3 +211,19 @@ def test_sigterm_inside_gradient_accumulation_waits_for_the_step_boundary():
         keeper.hold_sigterm_until_step_boundary(trainer)
         seen.append(connector.received_sigterm)
     assert seen == [False, False, False, True]
+
+
+def test_a_resumed_run_re_logging_its_params_records_only_real_changes(mlflow_uri):
+    """Values over MLflow's 250 stored characters (an experience text) compare as stored: no spurious
+    ``resumed/`` copy; a changed weight is kept under ``resumed/<name>`` (what compare reads)."""
+    from lightning_ctx.tracking import MLflowLogger
+
+    first = MLflowLogger(experiment_name="e", tracking_uri=mlflow_uri)
+    long_text = "note " * 100
+    first.log_hyperparams({"experience": long_text, "anchor_weight": 0.0})
+    resumed = MLflowLogger(experiment_name="e", tracking_uri=mlflow_uri)
+    resumed.continue_run(first.run_id)
+    resumed.log_hyperparams({"experience": long_text, "anchor_weight": 0.5})
+    params = MlflowClient(mlflow_uri).get_run(first.run_id).data.params
+    assert params["anchor_weight"] == "0.0" and params["resumed/anchor_weight"] == "0.5"
+    assert "resumed/experience" not in params
