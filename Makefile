@@ -32,7 +32,7 @@ installed_torch = $$($(1) -c 'from importlib.metadata import version; print(vers
 VENV_MIN ?= .venv-min
 PY_MIN := $(VENV_MIN)/bin/python
 MIN_TESTS ?= tests/test_install.py tests/test_compare.py tests/tasks/world tests/test_cli.py \
-	tests/eval/test_metrics.py tests/test_objectives.py tests/test_scale.py tests/data/test_records.py
+	tests/eval/test_metrics.py tests/test_objectives.py tests/test_scale.py tests/data/test_records.py tests/test_resume.py
 # The compatibility environment: the lock, but transformers at the newest release vLLM allows (vllm 0.33.0:
 # <5.21; `make coinstall` prints what each stack resolves to), with the transformers-facing core of the tests.
 VENV_COMPAT ?= .venv-compat

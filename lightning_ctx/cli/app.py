@@ -117,6 +117,10 @@ class ContextCLI(LightningCLI):
         """Lightning's, without its warning about ``args`` beside ``sys.argv``: :func:`main` passes the command line
         itself, with every config's ``defaults`` expanded (``expand_configs``)."""
         self.config = parser.parse_args(args) if isinstance(args, (list, tuple)) else parser.parse_object(args)
+        self._resolve_ckpt_path()  # here, not in Lightning's _parse_ckpt_path: Lightning < 2.6 has no such hook
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning >= 2.6 reads ``--ckpt_path``'s hyperparameters here; :meth:`_resolve_ckpt_path` has done it."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data.task": {"class_path": "lightning_ctx.data.task.JSONLTask"}})
@@ -126,10 +130,10 @@ class ContextCLI(LightningCLI):
                             help="Configs this one builds on, applied before it (builtin:NAME or a path relative "
                                  "to this file); expanded by lightning-ctx before parsing.")
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's replaces the model config by the checkpoint's hyperparameters, silently dropping this command's
-        ``--model.*`` values, and reads ``last`` from another file than it restores. Here ``last`` is resolved once,
-        the file is checked, and the values are merged (:mod:`lightning_ctx.cli.resume`)."""
+    def _resolve_ckpt_path(self) -> None:
+        """Lightning's own replaces the model config by the checkpoint's hyperparameters, silently dropping this
+        command's ``--model.*`` values, and reads ``last`` from another file than it restores. Here ``last`` is
+        resolved once, the file is checked, and the values are merged (:mod:`lightning_ctx.cli.resume`)."""
         self.resume: Optional[Resume] = None
         self.resolved_ckpt_path: Optional[str] = None  # what trainer.fit/validate/test get (_prepare_subcommand_kwargs)
         subcommand = self.config.get("subcommand")
