@@ -29,6 +29,7 @@ from lightning_ctx.rollout import SamplingSettings, sample_responses
 from lightning_ctx.tasks.games.evaluate import context_mechanics, pass_rate, play_both, reference_rates
 from lightning_ctx.tasks.games.metrics import GAMES, measure_games
 from lightning_ctx.tasks.games.task import GamesTask
+from lightning_ctx.writing import write_text
 
 
 class GameEvalCallback(EvaluationCallback):
@@ -120,10 +121,9 @@ class GameEvalCallback(EvaluationCallback):
 
     def write_tables(self, folder: Path, evaluation: Evaluation, *, stage: str, prefix: str, step: int,
                      split: str) -> list[Path]:
-        path = folder / "transcripts.json"
-        path.write_text(json.dumps(clean({"step": step, "split": split, "metrics": evaluation.metrics,
-                                          "games": evaluation.tables["rows"]}), indent=1))
-        return [path]
+        payload = clean({"step": step, "split": split, "metrics": evaluation.metrics,
+                         "games": evaluation.tables["rows"]})
+        return [write_text(folder / "transcripts.json", json.dumps(payload, indent=1))]
 
     def measure_references(self, trainer, pl_module, split: str, before_training: bool) -> Optional[dict[str, float]]:
         """``teacher_pass_ctx``: a separate teacher's pass rate with the experience."""
