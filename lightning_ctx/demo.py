@@ -104,6 +104,13 @@ def format_table(rows: list[tuple[str, int, dict[str, float]]], columns: tuple[s
     return "\n".join(lines)
 
 
+def print_run_pointers(experiment: str) -> None:
+    """Where a demo's runs are and the commands that read them."""
+    print(f"\nRuns are in ./mlruns, experiment {experiment!r}; each holds its student as the artifact model/.")
+    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
+    print(f"  .venv/bin/lightning-ctx compare --experiment {experiment}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="SHOW", help="context to internalize (default SHOW)")
@@ -136,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\nharm = share of items right without the context that turn wrong when it is given back.")
     print(f"Harm and retention over steps, all arms on one plot: {', '.join(map(str, plots))} (also in each run)")
-    print(f"\nRuns are in ./mlruns, experiment {args.experiment!r}; each holds its student as the artifact model/.")
-    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
-    print(f"  .venv/bin/lightning-ctx compare --experiment {args.experiment}")
+    print_run_pointers(args.experiment)
     print(f"  .venv/bin/lightning-ctx export --run-id {run_ids[args.arms[-1]]} --out exports/{args.arms[-1]}"
           f"   # the {LABELS[args.arms[-1]]} student as a save_pretrained folder")
     return 0

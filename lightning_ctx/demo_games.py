@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from lightning_ctx.demo import final_metrics, fit_run, format_table, plot_runs
+from lightning_ctx.demo import final_metrics, fit_run, format_table, plot_runs, print_run_pointers
 
 TASK = "builtin:games_world.yaml"
 ARMS = {"opd": "builtin:methods/opd.yaml", "anchored": "builtin:methods/anchored.yaml"}
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed}, {label}: pass_no_ctx {base['pass_no_ctx']:.3f} -> {m['pass_no_ctx']:.3f} "
                       f"({m['pass_no_ctx'] - base['pass_no_ctx']:+.3f})")
     print(f"Pass rates and harm over steps, all methods on one plot: {', '.join(map(str, plots))} (also in each run)")
-    print(f"\nRuns are in ./mlruns, experiment {args.experiment!r}; each holds its student as the artifact model/.")
-    print("  .venv/bin/lightning-ctx ui                                   # browse them at http://127.0.0.1:5000")
-    print(f"  .venv/bin/lightning-ctx compare --experiment {args.experiment}")
+    print_run_pointers(args.experiment)
     return 0
 
 
